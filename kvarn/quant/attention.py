@@ -1,0 +1,56 @@
+"""Reference attention over a tiled, partly quantized cache (PyTorch, float32).
+
+The runtime rule this encodes: a query at position ``p`` reads keys/values of *completed* tiles
+(tile index below its own) in their stored, quantized form, and the first tile (if kept) plus its
+own open tile in fp16. ``mixed_attention`` evaluates exactly that for a whole sequence in one pass,
+so a multi-token forward measures what token-by-token decoding would see.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantized_read_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, tile: int, keep_first_tile: bool
+) -> torch.Tensor:
+    """Bool ``[Tq, Tk]``: True where query ``q_pos[i]`` reads key ``k_pos[j]`` quantized."""
+    if tile == 1:  # per-token formats quantize on write: every read is quantized
+        return torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+    q_tile = (q_pos // tile)[:, None]
+    k_tile = (k_pos // tile)[None, :]
+    mask = k_tile < q_tile
+    if keep_first_tile:
+        mask = mask & (k_tile >= 1)
+    return mask
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def mixed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_hat: torch.Tensor | None, v_hat: torch.Tensor | None,
+    read_quantized: torch.Tensor | None, bias: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """Attention ``[B, Hq, Tq, D]`` where reads marked in ``read_quantized [Tq, Tk]`` use
+    ``k_hat``/``v_hat`` and the others ``k``/``v`` (all ``[B, H, Tk, D]``, H divides Hq).
+
+    ``bias``: additive mask broadcastable to ``[B, Hq, Tq, Tk]`` (causal/sliding/padding), or None.
+    ``k_hat``/``v_hat`` None means that tensor is read exactly.
+    """
+    groups = q.shape[1] // k.shape[1]
+    qf = q.float()
+    scores = qf @ _expand_kv(k.float(), groups).transpose(-1, -2)
+    if k_hat is not None:
+        scores_q = qf @ _expand_kv(k_hat.float(), groups).transpose(-1, -2)
+        scores = torch.where(read_quantized, scores_q, scores)
+    scores = scores * scaling
+    if bias is not None:
+        scores = scores + bias.float()
+    probs = torch.softmax(scores, dim=-1)
+    if v_hat is None:
+        return probs @ _expand_kv(v.float(), groups)
+    mask = read_quantized.to(probs.dtype)
+    return (probs * mask) @ _expand_kv(v_hat.float(), groups) + (probs * (1 - mask)) @ _expand_kv(v.float(), groups)

@@ -1,0 +1,161 @@
+"""Encode/decode tiles of one KV head, and the fake-quantized view of a whole sequence.
+
+``encode_tiles`` → ``EncodedTiles`` is what a runtime stores; ``decode_tiles`` is what it reads.
+``fake_quantize_sequence`` applies encode+decode to every completed tile of a sequence and is what
+calibration and evaluation use (it skips the bit packing, which ``pack_bits``/``unpack_bits`` make
+lossless, so results are identical to a packed round trip; tests check this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FP16_BITS, TensorFormat
+from .hadamard import rotate
+from .normalize import variance_normalize
+from .pack import pack_bits, unpack_bits
+from .rtn import dequantize_rtn, quantize_rtn
+
+NORMALIZE_ITERS = 8
+
+
+@dataclass
+class EncodedTiles:
+    """Tiles ``[..., G, D]`` of one head in stored form.
+
+    codes: uint8 ``[..., G, D*bits/8]`` (token-major, each token's D codes packed, see ``pack``),
+    or fp16 ``[..., G, D]`` when bits == 16 / the raw float8 bytes for fp8.
+    scale, zero: fp16 ``[..., 1, D]`` (channel axis) or ``[..., G, 1]`` (token axis); None for fp16/fp8.
+    norm: fp16 multiplier ``[..., G, 1]`` (channel axis) or ``[..., 1, D]`` (token axis) for
+    ``normalize="tile"``, else None.
+    """
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.norm) if t is not None)
+
+
+def _static_scale(log_std: torch.Tensor | None, d: int, device) -> torch.Tensor:
+    if log_std is None:
+        raise ValueError("normalize='static' needs the recipe's per-channel log-std prior")
+    return torch.exp(log_std.float()).to(device).reshape(*log_std.shape[:-1], 1, d)
+
+
+def encode_tiles(
+    x: torch.Tensor, fmt: TensorFormat, bits: int, log_std: torch.Tensor | None = None,
+    iters: int = NORMALIZE_ITERS,
+) -> EncodedTiles:
+    """Quantize tiles ``x [..., G, D]`` of one KV head (or several heads sharing ``bits``).
+
+    ``log_std`` (broadcastable to ``[..., D]``): calibrated per-channel log-std after rotation,
+    the start of the normalization (``"tile"``) or the fixed channel scale (``"static"``).
+    """
+    x = x.float()
+    g, d = x.shape[-2], x.shape[-1]
+    if bits == FP16_BITS:
+        return EncodedTiles(bits, x.half())
+    if fmt.codec == "fp8":
+        return EncodedTiles(bits, x.to(torch.float8_e4m3fn))
+    if fmt.hadamard:
+        x = rotate(x)
+    norm = None
+    if fmt.normalize == "tile":
+        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
+        log_r, log_c = variance_normalize(x, iters, prior)
+        stored = log_r if fmt.axis == "channel" else log_c
+        norm = torch.exp(stored).clamp(6.2e-5, 65504.0).half()
+        x = x / norm.float()
+    elif fmt.normalize == "static":
+        x = x / _static_scale(log_std, d, x.device)
+    dim = -2 if fmt.axis == "channel" else -1
+    codes, scale, zero = quantize_rtn(x, bits, dim=dim, clip=fmt.clip)
+    return EncodedTiles(bits, pack_bits(codes, bits), scale.half(), zero.half(), norm)
+
+
+def decode_tiles(
+    enc: EncodedTiles, fmt: TensorFormat, head_dim: int, log_std: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dequantize to float32 ``[..., G, D]`` in the model's (unrotated) basis."""
+    if enc.bits == FP16_BITS or fmt.codec == "fp8":
+        return enc.codes.float()
+    codes = unpack_bits(enc.codes, enc.bits, head_dim)
+    x = dequantize_rtn(codes, enc.scale.float(), enc.zero.float())
+    if enc.norm is not None:
+        x = x * enc.norm.float()
+    elif fmt.normalize == "static":
+        x = x * _static_scale(log_std, head_dim, x.device)
+    return rotate(x) if fmt.hadamard else x
+
+
+def fake_quantize_tiles(
+    x: torch.Tensor, fmt: TensorFormat, bits: int, log_std: torch.Tensor | None = None,
+    iters: int = NORMALIZE_ITERS,
+) -> torch.Tensor:
+    """``decode(encode(x))`` without packing: float32 ``[..., G, D]``."""
+    x = x.float()
+    d = x.shape[-1]
+    if bits == FP16_BITS:
+        return x.half().float()
+    if fmt.codec == "fp8":
+        return x.to(torch.float8_e4m3fn).float()
+    if fmt.hadamard:
+        x = rotate(x)
+    mult = None
+    if fmt.normalize == "tile":
+        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
+        log_r, log_c = variance_normalize(x, iters, prior)
+        mult = torch.exp(log_r if fmt.axis == "channel" else log_c).clamp(6.2e-5, 65504.0).half().float()
+    elif fmt.normalize == "static":
+        mult = _static_scale(log_std, d, x.device)
+    if mult is not None:
+        x = x / mult
+    dim = -2 if fmt.axis == "channel" else -1
+    codes, scale, zero = quantize_rtn(x, bits, dim=dim, clip=fmt.clip)
+    x = dequantize_rtn(codes, scale, zero)
+    if mult is not None:
+        x = x * mult
+    return rotate(x) if fmt.hadamard else x
+
+
+def quantized_span(seq_len: int, tile: int, keep_first_tile: bool) -> tuple[int, int]:
+    """Token range ``[start, end)`` of the *completed* tiles a runtime holds quantized."""
+    if tile == 1:
+        return 0, seq_len
+    start = tile if keep_first_tile else 0
+    n = max(0, (seq_len - start) // tile)
+    return start, start + n * tile
+
+
+def fake_quantize_sequence(
+    x: torch.Tensor, fmt: TensorFormat, tile: int, keep_first_tile: bool,
+    log_std: torch.Tensor | None = None, iters: int = NORMALIZE_ITERS,
+) -> torch.Tensor:
+    """What a runtime would read back for ``x [B, H, T, D]`` once all complete tiles are stored.
+
+    Completed tiles (after the first, if kept) are quantized per head with ``fmt.bits[h]``; the
+    first tile and the open tail come back fp16-rounded. ``log_std``: ``[H, D]`` or None.
+    With ``tile == 1`` every token is quantized on write (per-token baselines).
+    """
+    b, h, t, d = x.shape
+    out = x.float().half().float()
+    start, end = quantized_span(t, tile, keep_first_tile)
+    if end <= start:
+        return out
+    g = 1 if tile == 1 else tile
+    seg = x[:, :, start:end].float().reshape(b, h, (end - start) // g, g, d)
+    bits = torch.tensor(fmt.bits)
+    for bw in sorted(set(fmt.bits)):
+        heads = torch.nonzero(bits == bw).flatten().tolist()
+        prior = None if log_std is None else log_std[heads][None, :, None, :]
+        if tile == 1 and fmt.axis == "channel":
+            raise ValueError("per-channel groups need tiles of more than one token")
+        q = fake_quantize_tiles(seg[:, heads], fmt, bw, prior, iters)
+        out[:, heads, start:end] = q.reshape(b, len(heads), end - start, d)
+    return out

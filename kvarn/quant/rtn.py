@@ -1,0 +1,72 @@
+"""Asymmetric round-to-nearest (RTN) quantization with fp16 scale and zero-point.
+
+For a group of values reduced along ``dim``: ``scale = (hi - lo) / (2**bits - 1)``, ``zero = lo``,
+``code = round((x - zero) / scale)`` clamped to ``[0, 2**bits - 1]``, and
+``x_hat = code * scale + zero``. Scale and zero are rounded to fp16 *before* the codes are
+computed, so the codes are the ones a reader holding the stored fp16 parameters expects.
+
+``clip=True`` searches a small grid of range shrink factors per group and keeps the one with the
+lowest squared error (a free accuracy gain at 2-3 bits, where min/max ranges waste levels on the
+tails of near-Gaussian rotated data). It changes only how the stored scale/zero are chosen, not the
+format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+# fp16's smallest normal; a scale below it would lose precision or flush to zero.
+_MIN_SCALE = 6.2e-5
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE).half().float()
+    zero = lo.clamp(-65504.0, 65504.0).half().float()
+    return scale, zero
+
+
+def _codes(x, scale, zero, bits):
+    return torch.round((x - zero) / scale).clamp_(0, 2**bits - 1)
+
+
+def quantize_rtn(
+    x: torch.Tensor, bits: int, dim: int, clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` in groups reduced along ``dim``.
+
+    Returns ``codes`` (uint8, shape of x), ``scale`` and ``zero`` (float32 holding fp16-exact
+    values, shape of x with ``dim`` reduced to 1).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits has to be one of {list(SUPPORTED_BITS)} but got {bits}")
+    x = x.float()
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale, zero = _params(lo, hi, bits)
+    if clip:
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        best_err = None
+        for ratio in CLIP_RATIOS:
+            s, z = _params(mid - half * ratio, mid + half * ratio, bits)
+            err = ((_codes(x, s, z, bits) * s + z - x) ** 2).sum(dim=dim, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return _codes(x, scale, zero, bits).to(torch.uint8), scale, zero
+
+
+def dequantize_rtn(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``codes * scale + zero`` in float32 (scale/zero broadcast over the reduced dim)."""
+    return codes.float() * scale + zero
+
+
+def fake_quantize_rtn(x: torch.Tensor, bits: int, dim: int, clip: bool = False) -> torch.Tensor:
+    """``dequantize_rtn(*quantize_rtn(x, ...))`` — what a reader of the stored codes sees."""
+    return dequantize_rtn(*quantize_rtn(x, bits, dim, clip))
