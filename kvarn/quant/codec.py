@@ -16,7 +16,7 @@ from .formats import FP16_BITS, TensorFormat
 from .hadamard import rotate
 from .normalize import variance_normalize
 from .pack import pack_bits, unpack_bits
-from .rtn import dequantize_rtn, quantize_rtn
+from .rtn import dequantize_rtn, fake_quantize_symmetric, quantize_rtn
 
 NORMALIZE_ITERS = 8
 
@@ -63,6 +63,8 @@ def encode_tiles(
         return EncodedTiles(bits, x.half())
     if fmt.codec == "fp8":
         return EncodedTiles(bits, x.to(torch.float8_e4m3fn))
+    if fmt.codec != "rtn":
+        raise ValueError(f"codec {fmt.codec!r} is a baseline for evaluation; it has no stored form")
     if fmt.hadamard:
         x = rotate(x)
     norm = None
@@ -105,6 +107,8 @@ def fake_quantize_tiles(
         return x.half().float()
     if fmt.codec == "fp8":
         return x.to(torch.float8_e4m3fn).float()
+    if fmt.codec == "rtn-sym":
+        return fake_quantize_symmetric(x, bits, -2 if fmt.axis == "channel" else -1)
     if fmt.hadamard:
         x = rotate(x)
     mult = None

@@ -10,7 +10,8 @@ A layer's cache is described by a ``LayerFormat``: tile size G, head_dim D and o
   cannot absorb is stored in fp16 — a per-token scale for channel-axis tensors, a per-channel scale
   for token-axis tensors. ``"static"`` (token axis only) uses the recipe's calibrated per-channel
   scale instead, which costs nothing per token. ``"none"``: no normalization.
-* ``codec="fp8"``: float8 e4m3 cast, no scales (baseline only).
+* ``codec="fp8"``: float8 e4m3 cast, no scales; ``codec="rtn-sym"``: symmetric absmax RTN with
+  one fp16 scale per group (both baselines only: no encoder/packer for them).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ALL_BITS = SUPPORTED_BITS + (FP16_BITS,)
 SUPPORTED_TILES = (64, 128)
 AXES = ("channel", "token")
 NORMALIZE = ("none", "tile", "static")
-CODECS = ("rtn", "fp8")
+CODECS = ("rtn", "rtn-sym", "fp8")
 _FP16_BYTES = 2
 
 
@@ -87,11 +88,12 @@ def head_tile_bytes(fmt: TensorFormat, bits: int, tile: int, head_dim: int) -> i
     if (g * d * bits) % 8 or (d * bits) % 8:
         raise KvarnError(f"{bits}-bit codes of head_dim {d} do not fill whole bytes per token")
     codes = g * d * bits // 8
+    n_params = 1 if fmt.codec == "rtn-sym" else 2
     if fmt.axis == "channel":
-        params = d * 2 * _FP16_BYTES
+        params = d * n_params * _FP16_BYTES
         norm = g * _FP16_BYTES if fmt.normalize == "tile" else 0
     else:
-        params = g * 2 * _FP16_BYTES
+        params = g * n_params * _FP16_BYTES
         norm = d * _FP16_BYTES if fmt.normalize == "tile" else 0
     return codes + params + norm
 

@@ -70,3 +70,14 @@ def dequantize_rtn(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
 def fake_quantize_rtn(x: torch.Tensor, bits: int, dim: int, clip: bool = False) -> torch.Tensor:
     """``dequantize_rtn(*quantize_rtn(x, ...))`` — what a reader of the stored codes sees."""
     return dequantize_rtn(*quantize_rtn(x, bits, dim, clip))
+
+
+def fake_quantize_symmetric(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Symmetric absmax RTN (one fp16 scale per group, codes in ``[-(2**(b-1)-1), 2**(b-1)-1]``).
+
+    Baselines only (e.g. int4 per token and head); kvarn's own formats are asymmetric.
+    """
+    x = x.float()
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(dim=dim, keepdim=True) / qmax).clamp_min(_MIN_SCALE).half().float()
+    return torch.round(x / scale).clamp_(-qmax, qmax) * scale

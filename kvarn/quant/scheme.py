@@ -62,7 +62,7 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     """Calibration-free schemes: KVarN's uniform presets (the seed) and the usual baselines.
 
     kvarn-kXvY-g128: Hadamard + per-tile variance normalization + min/max RTN, first tile fp16.
-    int4-per-token-head: per token and head int4, quantized on write (vLLM's int4_per_token_head).
+    int4-per-token-head: per token and head symmetric int4 (fp16 absmax scale), quantized on write (vLLM's int4_per_token_head).
     kivi-2: KIVI, 2-bit keys per channel / values per token, group 128, fp16 residual 128, no
     rotation. fp8-e4m3: cast on write with unit scale (vLLM's fp8 cache default).
     """
@@ -72,7 +72,7 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
         return uniform_scheme(name, n, h, d, 128,
                               TensorFormat((kb,), "channel", "tile"), TensorFormat((vb,), "token", "tile"), True)
     if name == "int4-per-token-head":
-        f = TensorFormat((4,), "token", "none", hadamard=False)
+        f = TensorFormat((4,), "token", "none", hadamard=False, codec="rtn-sym")
         return uniform_scheme(name, n, h, d, 1, f, f, False)
     if name == "kivi-2":
         return uniform_scheme(name, n, h, d, 128, TensorFormat((2,), "channel", "none", hadamard=False),
