@@ -1,0 +1,101 @@
+"""Bit allocation: per layer, KV head and tensor (K/V), pick a code width under a memory budget.
+
+Pure function of the statistics and the format: a multiple-choice knapsack, solved greedily on
+each item's lower convex hull of (bytes per token, predicted error). Starting from every item at
+its cheapest width, the upgrade with the largest error reduction per extra byte is applied while
+it fits the budget. Costs come from ``head_tile_bytes`` — the same numbers ``bytes_per_token``
+adds up — so the allocation is always a layout the runtime can store.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from .errors import KvarnError
+from .quant.formats import FP16_BITS, LayerFormat, TensorFormat, bits_per_element, head_tile_bytes
+
+
+@dataclass
+class Allocation:
+    k_bits: torch.Tensor  # [L, H] int
+    v_bits: torch.Tensor  # [L, H] int
+    predicted_error: float
+    bits_per_element: float
+
+
+def _hull(costs: list[float], errs: list[float]) -> list[int]:
+    """Indices of the lower convex hull of points, by increasing cost, error decreasing."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], errs[i]))
+    pts = []
+    for i in order:
+        if pts and errs[i] >= errs[pts[-1]]:
+            continue  # costs more and is no better
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # b is above the segment a→i: drop it
+            if (errs[b] - errs[a]) * (costs[i] - costs[a]) >= (errs[i] - errs[a]) * (costs[b] - costs[a]):
+                pts.pop()
+            else:
+                break
+        pts.append(i)
+    return pts
+
+
+def allocate_bits(
+    k_err: torch.Tensor, v_err: torch.Tensor, candidate_bits: tuple[int, ...],
+    k_format: TensorFormat, v_format: TensorFormat, tile: int, head_dim: int,
+    avg_bits: float, allow_fp16: bool = True,
+) -> Allocation:
+    """Choose ``[L, H]`` K and V widths minimising the summed predicted error such that the
+    average stored bits per element (scales included) is at most ``avg_bits``."""
+    L, H, _ = k_err.shape
+    options = list(candidate_bits) + ([FP16_BITS] if allow_fp16 else [])
+    items = []  # (kind, layer, head, [bits], [cost bytes/token], [err])
+    for kind, err, fmt in (("k", k_err, k_format), ("v", v_err, v_format)):
+        for l in range(L):
+            for h in range(H):
+                costs = [head_tile_bytes(fmt, b, tile, head_dim) / tile for b in options]
+                errs = [float(err[l, h, candidate_bits.index(b)]) if b != FP16_BITS else 0.0 for b in options]
+                hull = _hull(costs, errs)
+                items.append((kind, l, h, [options[i] for i in hull], [costs[i] for i in hull], [errs[i] for i in hull]))
+    budget = avg_bits / 8.0 * L * H * head_dim * 2  # bytes per token, all layers
+    used = sum(it[4][0] for it in items)
+    if used > budget + 1e-9:
+        min_bits = 8.0 * used / (L * H * head_dim * 2)
+        raise KvarnError(
+            f"--avg-bits {avg_bits:g} is below the smallest layout this format allows "
+            f"({min_bits:.3f} bits/element at {min(candidate_bits)}-bit codes); raise --avg-bits or lower --compression"
+        )
+    level = [0] * len(items)
+    heap = []
+
+    def push(i):
+        kind, l, h, bits, costs, errs = items[i]
+        j = level[i]
+        if j + 1 < len(bits):
+            gain = (errs[j] - errs[j + 1]) / max(costs[j + 1] - costs[j], 1e-12)
+            heapq.heappush(heap, (-gain, i))
+
+    for i in range(len(items)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        kind, l, h, bits, costs, errs = items[i]
+        j = level[i]
+        extra = costs[j + 1] - costs[j]
+        if used + extra > budget + 1e-9:
+            continue  # does not fit; cheaper upgrades elsewhere may
+        used += extra
+        level[i] = j + 1
+        push(i)
+    k_bits = torch.zeros(L, H, dtype=torch.int64)
+    v_bits = torch.zeros(L, H, dtype=torch.int64)
+    total_err = 0.0
+    for i, (kind, l, h, bits, costs, errs) in enumerate(items):
+        (k_bits if kind == "k" else v_bits)[l, h] = bits[level[i]]
+        total_err += errs[level[i]]
+    layers = [LayerFormat(head_dim, tile, k_format.with_bits(k_bits[l].tolist()), v_format.with_bits(v_bits[l].tolist())) for l in range(L)]
+    return Allocation(k_bits, v_bits, total_err, bits_per_element(layers))

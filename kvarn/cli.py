@@ -1,0 +1,108 @@
+"""``kvarn`` command line: thin click wrappers over ``kvarn.api`` (torch is imported lazily)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import KvarnError
+
+
+def _run(fn):
+    try:
+        return fn()
+    except KvarnError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kvarn")
+def main():
+    """kvarn: calibrated KVarN KV-cache quantization (4-6x smaller caches)."""
+
+
+@main.command(epilog="""\b
+Examples:
+  kvarn calibrate                              # embedded SmolLM2-135M, wiki-first-half, 3.0 bits
+  kvarn calibrate ./my-model --avg-bits 2.6    # recipe lands in ./my-model/kvarn_recipe.safetensors
+  kvarn calibrate model.gguf --calib notes.txt --compression 5 -o r.safetensors
+""")
+@click.argument("model", required=False)
+@click.option("--calib", default=None, metavar="SPEC", help="Calibration set: a name in calibrate/, a .yaml spec, a .txt/.jsonl file, wiki:first or hf:NAME[:CONFIG[:SPLIT]]. [default: wiki-first-half]")
+@click.option("--num-samples", type=int, default=None, help="Override the spec's number of windows.")
+@click.option("--seq-len", type=int, default=None, help="Override the spec's window length (tokens).")
+@click.option("--avg-bits", type=float, default=None, help="Memory target: average stored bits per K/V element, scales included. [default: 3.0]")
+@click.option("--compression", type=float, default=None, help="Memory target as times fewer bytes than fp16 (alternative to --avg-bits).")
+@click.option("-o", "--output", default=None, metavar="PATH", help="Recipe path. [default: MODEL/kvarn_recipe.safetensors for a model directory, else ./kvarn_recipe.safetensors]")
+@click.option("--tile", type=click.Choice(["64", "128"]), default="128", help="Tokens per quantized tile.")
+@click.option("--objective", type=click.Choice(["fisher", "mse"]), default="fisher", help="Allocation objective: loss-gradient-weighted or plain attention-output error.")
+@click.option("--seed", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, seed, as_json):
+    """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
+    from . import api
+
+    def go():
+        _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
+                               compression=compression, output=output, tile=int(tile), objective=objective,
+                               seed=seed, progress=not as_json)
+        text = (f"wrote {rep.recipe_path}: {rep.bits_per_element:.3f} bits/element (scales included), "
+                f"{rep.compression:.2f}x smaller than fp16; mean K bits {rep.k_bits_mean:.2f}, V bits {rep.v_bits_mean:.2f}; "
+                f"calibrated on {rep.calibration['set']} ({rep.calibration['tokens']} tokens) in {rep.seconds:.1f} s")
+        _emit(rep.__dict__, as_json, text)
+
+    _run(go)
+
+
+@main.command("eval", epilog="""\b
+Examples:
+  kvarn eval --recipe kvarn_recipe.safetensors
+  kvarn eval ./my-model --recipe ./my-model/kvarn_recipe.safetensors --text heldout.txt --json
+""")
+@click.argument("model", required=False)
+@click.option("--recipe", default=None, metavar="PATH", help="Recipe to evaluate (omit to compare baselines only).")
+@click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
+@click.option("--num-windows", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3]")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def eval_cmd(model, recipe, text, num_windows, seq_len, methods, as_json):
+    """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
+    from . import api
+
+    def go():
+        rep = api.evaluate(model, recipe=recipe, text=text, num_windows=num_windows, seq_len=seq_len,
+                           methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
+                           progress=not as_json)
+        _emit(rep.to_dict(), as_json, api.format_eval_table(rep))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  kvarn inspect recipes/smollm2-135m-instruct.safetensors --plot bits.png
+""")
+@click.argument("recipe")
+@click.option("--plot", default=None, metavar="PNG", help="Write a heatmap of bits per layer and head.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(recipe, plot, as_json):
+    """Summarise a recipe (reads its header and bit tables)."""
+    from . import api
+
+    def go():
+        s = api.inspect(recipe, plot=plot)
+        _emit(s, as_json, api.format_inspect(s))
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()
