@@ -268,8 +268,8 @@ def test_default_spec():
     assert spec == CalibSpec(
         name="wiki-first-half",
         source="wiki:first",
-        num_samples=16,
-        seq_len=512,
+        num_samples=6,
+        seq_len=1024,
         description=spec.description,
     )
     assert resolve_calib(None) == spec
@@ -330,7 +330,7 @@ def test_spec_relative_source_and_hash(tmp_path):
 
 def test_resolve_calib_sources_and_overrides(tmp_path):
     spec = resolve_calib("wiki:second", num_samples=4)
-    assert (spec.source, spec.num_samples, spec.seq_len) == ("wiki:second", 4, 512)
+    assert (spec.source, spec.num_samples, spec.seq_len) == ("wiki:second", 4, 1024)
     t = tmp_path / "c.jsonl"
     assert resolve_calib(str(t), seq_len=32).source == str(t)
     with pytest.raises(KvarnError) as ei:

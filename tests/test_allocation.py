@@ -1,0 +1,88 @@
+"""Bit allocation: budget respected, optimal on convex instances (vs exhaustive search)."""
+
+import itertools
+
+import pytest
+import torch
+
+from kvarn.allocation import _hull, allocate_bits
+from kvarn.errors import KvarnError
+from kvarn.quant.formats import LayerFormat, TensorFormat, bits_per_element, head_tile_bytes
+
+K = TensorFormat((), "channel", "none", clip=True)
+V = TensorFormat((), "token", "static", clip=True)
+CAND = (2, 3, 4, 8)
+
+
+def test_hull_drops_dominated_and_concave_points():
+    # cost, err: point 2 is dominated (costs more, no better); point 1 lies above segment 0→3
+    assert _hull([1, 2, 3, 4], [10, 9.5, 9.6, 1]) == [0, 3]
+    assert _hull([1, 2, 3], [10, 5, 4]) == [0, 1, 2]
+
+
+def _convex_errors(L, H, seed):
+    g = torch.Generator().manual_seed(seed)
+    # error ~ a * 4^-bits: convex and decreasing in bits, as RTN error is
+    a = torch.rand(L, H, 1, generator=g) * 10 + 0.1
+    bits = torch.tensor(CAND, dtype=torch.float32)
+    return a * 4.0 ** (-bits), torch.rand(L, H, 1, generator=g) * 10 * 4.0 ** (-bits)
+
+
+def _layout_bits(kb, vb, L, H, D=64, tile=128):
+    layers = [LayerFormat(D, tile, K.with_bits(kb[l]), V.with_bits(vb[l])) for l in range(L)]
+    return bits_per_element(layers)
+
+
+@pytest.mark.parametrize("avg_bits", [2.6, 3.0, 3.6, 5.0])
+def test_budget_respected_and_tight(avg_bits):
+    k_err, v_err = _convex_errors(6, 3, seed=int(avg_bits * 10))
+    a = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, avg_bits)
+    achieved = _layout_bits(a.k_bits.tolist(), a.v_bits.tolist(), 6, 3)
+    assert achieved == pytest.approx(a.bits_per_element)
+    assert achieved <= avg_bits + 1e-9
+    # tight: no single one-step upgrade would still fit (else greedy stopped early)
+    smallest_step = min(head_tile_bytes(K, 3, 128, 64) - head_tile_bytes(K, 2, 128, 64),
+                        head_tile_bytes(V, 3, 128, 64) - head_tile_bytes(V, 2, 128, 64)) / 128
+    slack_bytes = (avg_bits - achieved) / 8 * 6 * 3 * 64 * 2
+    all_max = bool((a.k_bits == 16).all() and (a.v_bits == 16).all())
+    assert all_max or slack_bytes < smallest_step * 8 + 1e-9
+
+
+def test_more_budget_never_more_error():
+    k_err, v_err = _convex_errors(5, 2, seed=1)
+    errs = [allocate_bits(k_err, v_err, CAND, K, V, 128, 64, b).predicted_error for b in (2.5, 2.8, 3.2, 4.0, 6.0)]
+    assert all(a >= b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_matches_exhaustive_search_on_small_instances():
+    L, H = 2, 1
+    options = list(CAND) + [16]
+    for seed in range(4):
+        k_err, v_err = _convex_errors(L, H, seed)
+        for avg_bits in (2.6, 3.3, 4.4):
+            a = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, avg_bits)
+            best = float("inf")
+            for combo in itertools.product(options, repeat=2 * L * H):
+                kb = [[combo[l]] for l in range(L)]
+                vb = [[combo[L + l]] for l in range(L)]
+                if _layout_bits(kb, vb, L, H) > avg_bits + 1e-9:
+                    continue
+                e = sum(0.0 if b == 16 else float(k_err[l, 0, CAND.index(b)]) for l, b in enumerate(combo[:L]))
+                e += sum(0.0 if b == 16 else float(v_err[l, 0, CAND.index(b)]) for l, b in enumerate(combo[L:]))
+                best = min(best, e)
+            # Greedy on convex hulls is optimal up to the last, partially-fitting upgrade.
+            assert a.predicted_error <= best * 1.5 + 1e-12, (seed, avg_bits, a.predicted_error, best)
+
+
+def test_prefers_the_sensitive_head():
+    k_err = torch.tensor([[[1.0, 0.5, 0.25, 0.01]], [[100.0, 50.0, 25.0, 1.0]]])  # layer 1 is 100x more sensitive
+    v_err = torch.full((2, 1, 4), 1e-6)
+    a = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, 3.0)
+    assert a.k_bits[1, 0] > a.k_bits[0, 0]
+
+
+def test_budget_below_minimum_is_a_clear_error():
+    k_err, v_err = _convex_errors(2, 2, 0)
+    with pytest.raises(KvarnError) as ei:
+        allocate_bits(k_err, v_err, CAND, K, V, 128, 64, 2.0)
+    assert "--avg-bits" in str(ei.value) and "\n" not in str(ei.value)
