@@ -160,12 +160,14 @@ def _se(x: torch.Tensor) -> float:
 
 
 def evaluate(
-    model: str | None = None, recipe: str | os.PathLike | None = None, text: str = DEFAULT_TEXT,
+    model: str | None = None, recipe: str | os.PathLike | list | None = None, text: str = DEFAULT_TEXT,
     num_windows: int = 8, seq_len: int = 1024, methods: list[str] | None = None,
     progress: bool = True, loaded=None,
 ) -> EvalReport:
     """Perplexity, KL(fp16 ‖ method) and top-1 agreement with fp16 on held-out text, for fp16,
-    the recipe (if given) and the baselines, each read the way a runtime reads its cache."""
+    the recipe(s) (a path or a list of paths) and the baselines, each read the way a runtime reads
+    its cache. Windows are evaluated one at a time against their own fp16 pass, so memory stays at
+    one window's logits per method."""
     from tqdm.auto import tqdm
 
     from .data import load_text, make_windows
@@ -177,14 +179,13 @@ def evaluate(
     lm = loaded or load_model(model)
     L, H, D = _model_shape(lm.model)
     schemes = {"fp16": None}
-    recipe_path = None
-    if recipe is not None:
-        recipe_path = str(recipe)
-        r = Recipe.load(recipe)
-        r.check_model(lm.model.config, recipe)
+    recipe_paths = [] if recipe is None else [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe)
+    for path in recipe_paths:
+        r = Recipe.load(path)
+        r.check_model(lm.model.config, path)
         if r.calibration.get("source") == text:
-            raise KvarnError(f"--text {text}: this is the recipe's calibration text; evaluate on held-out text (e.g. wiki:second)")
-        schemes["recipe"] = r.to_scheme("recipe")
+            raise KvarnError(f"--text {text}: this is the calibration text of {path}; evaluate on held-out text (e.g. wiki:second)")
+        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
     for name in methods if methods is not None else BASELINES:
         if name not in PRESETS:
             raise KvarnError(f"--methods: unknown method {name!r}; valid methods are {list(PRESETS)}")
@@ -211,7 +212,7 @@ def evaluate(
                 per[name]["sec"] += time.time() - ts
                 bar.update(1)
     bar.close()
-    report = EvalReport(lm.model_id, f"{text} ({desc})", num_windows, seq_len, recipe_path)
+    report = EvalReport(lm.model_id, f"{text} ({desc})", num_windows, seq_len, ", ".join(str(p) for p in recipe_paths) or None)
     base_nll = torch.stack(per["fp16"]["nll"])
     for name, scheme in schemes.items():
         nll = torch.stack(per[name]["nll"])
@@ -219,7 +220,7 @@ def evaluate(
         kl, top = torch.stack(per[name]["kl"]), torch.stack(per[name]["top1"])
         bits = 16.0 if scheme is None else scheme.bits_per_element()
         report.results.append(MethodResult(
-            method=name if name != "recipe" else f"recipe ({Path(recipe_path).name})",
+            method=name,
             bits_per_element=bits, compression=16.0 / bits,
             fp16_tokens_per_seq=0 if scheme is None else scheme.fp16_tokens_per_sequence(),
             ppl=float(nll.mean().exp()), delta_ppl_pct=100 * float(torch.expm1(d.mean())),

@@ -67,7 +67,7 @@ Examples:
   kvarn eval ./my-model --recipe ./my-model/kvarn_recipe.safetensors --text heldout.txt --json
 """)
 @click.argument("model", required=False)
-@click.option("--recipe", default=None, metavar="PATH", help="Recipe to evaluate (omit to compare baselines only).")
+@click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several (omit to compare baselines only).")
 @click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
 @click.option("--num-windows", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=1024, show_default=True)
@@ -78,7 +78,7 @@ def eval_cmd(model, recipe, text, num_windows, seq_len, methods, as_json):
     from . import api
 
     def go():
-        rep = api.evaluate(model, recipe=recipe, text=text, num_windows=num_windows, seq_len=seq_len,
+        rep = api.evaluate(model, recipe=list(recipe) or None, text=text, num_windows=num_windows, seq_len=seq_len,
                            methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
                            progress=not as_json)
         _emit(rep.to_dict(), as_json, api.format_eval_table(rep))

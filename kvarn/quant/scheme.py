@@ -55,13 +55,15 @@ def uniform_scheme(
     return CacheScheme(name, layers, keep_first_tile)
 
 
-PRESETS = ("kvarn-k4v2-g128", "kvarn-k4v4-g128", "kvarn-k2v2-g128", "int4-per-token-head", "kivi-2", "fp8-e4m3")
+PRESETS = ("kvarn-k4v2-g128", "kvarn-k4v4-g128", "kvarn-k2v2-g128", "kvarn-k4v2-g128-nosink",
+           "int4-per-token-head", "kivi-2", "fp8-e4m3")
 
 
 def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) -> CacheScheme:
     """Calibration-free schemes: KVarN's uniform presets (the seed) and the usual baselines.
 
-    kvarn-kXvY-g128: Hadamard + per-tile variance normalization + min/max RTN, first tile fp16.
+    kvarn-kXvY-g128: Hadamard + per-tile variance normalization + min/max RTN, first tile fp16
+    (``-nosink``: the first tile is quantized too).
     int4-per-token-head: per token and head symmetric int4 (fp16 absmax scale), quantized on write (vLLM's int4_per_token_head).
     kivi-2: KIVI, 2-bit keys per channel / values per token, group 128, fp16 residual 128, no
     rotation. fp8-e4m3: cast on write with unit scale (vLLM's fp8 cache default).
@@ -69,8 +71,8 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     n, h, d = num_layers, num_kv_heads, head_dim
     if name.startswith("kvarn-"):
         kb, vb = int(name[7]), int(name[9])
-        return uniform_scheme(name, n, h, d, 128,
-                              TensorFormat((kb,), "channel", "tile"), TensorFormat((vb,), "token", "tile"), True)
+        return uniform_scheme(name, n, h, d, 128, TensorFormat((kb,), "channel", "tile"),
+                              TensorFormat((vb,), "token", "tile"), not name.endswith("-nosink"))
     if name == "int4-per-token-head":
         f = TensorFormat((4,), "token", "none", hadamard=False, codec="rtn-sym")
         return uniform_scheme(name, n, h, d, 1, f, f, False)
