@@ -196,6 +196,7 @@ def evaluate(
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
         for w in windows:
+            w = w.to(lm.model.device)
             ids = w[None]
             targets = w[1:]
             base = None

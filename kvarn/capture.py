@@ -150,7 +150,7 @@ def capture_kv(model, windows: torch.Tensor, cfg: CaptureConfig, batch_size: int
     try:
         with attached(model, cap):
             for i in tqdm(range(0, len(windows), batch_size), desc="calibrating", unit="batch", disable=not progress):
-                ids = windows[i : i + batch_size]
+                ids = windows[i : i + batch_size].to(model.device)
                 with torch.no_grad():
                     emb = embed(ids)
                 emb = emb.detach().float().requires_grad_(True)
