@@ -95,8 +95,8 @@ class KVCapture:
             kd, vd, qd = k16.detach(), v16.detach(), q.detach().float()
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
                 xr = rotate(x) if fmt.hadamard else x
-                self.sums[kind][li] += xr.sum(dim=(0, 2)).double()
-                self.squares[kind][li] += (xr * xr).sum(dim=(0, 2)).double()
+                self.sums[kind][li] += xr.sum(dim=(0, 2)).double().cpu()
+                self.squares[kind][li] += (xr * xr).sum(dim=(0, 2)).double().cpu()
             self.count[li] += kd.shape[0] * kd.shape[2]
             if li == 0:
                 self.tokens += kd.shape[0] * kd.shape[2]
@@ -110,7 +110,7 @@ class KVCapture:
             if bias is not None:
                 bias = bias.expand(*bias.shape[:-2], len(q_pos), bias.shape[-1])[..., q_idx, :]
             base = out.detach()[:, :, q_idx]
-            self.out_energy[li] += self._group((base * base).sum(-1), H).sum(dim=(0, 2)).double()
+            self.out_energy[li] += self._group((base * base).sum(-1), H).sum(dim=(0, 2)).double().cpu()
             deltas = []
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
                 prior = self.log_std(kind, li)
@@ -118,7 +118,7 @@ class KVCapture:
                     x_hat = fake_quantize_sequence(x, fmt.with_bits((bits,) * H), cfg.tile, cfg.keep_first_tile, prior, cfg.iters)
                     k_hat, v_hat = (x_hat, None) if kind == "k" else (None, x_hat)
                     delta = mixed_attention(qd, k16.detach(), v16.detach(), k_hat, v_hat, mask, bias, scaling) - base
-                    self.mse[kind][li, :, j] += self._group((delta * delta).sum(-1), H).sum(dim=(0, 2)).double()
+                    self.mse[kind][li, :, j] += self._group((delta * delta).sum(-1), H).sum(dim=(0, 2)).double().cpu()
                     deltas.append((kind, j, delta.to(torch.bfloat16)))
         if out.requires_grad:
             out.register_hook(lambda g, li=li, deltas=deltas, q_idx=q_idx: self._on_grad(li, g[:, :, q_idx], deltas))
@@ -129,7 +129,7 @@ class KVCapture:
         g = g.detach().float()
         for kind, j, delta in deltas:
             first_order = self._group((g * delta.float()).sum(-1), H)  # [B, H, T]
-            self.fisher[kind][li, :, j] += (first_order**2).sum(dim=(0, 2)).double()
+            self.fisher[kind][li, :, j] += (first_order**2).sum(dim=(0, 2)).double().cpu()
         deltas.clear()
 
 

@@ -155,6 +155,8 @@ def fake_quantize_sequence(
     g = 1 if tile == 1 else tile
     seg = x[:, :, start:end].float().reshape(b, h, (end - start) // g, g, d)
     bits = torch.tensor(fmt.bits)
+    if log_std is not None:
+        log_std = log_std.to(x.device)
     for bw in sorted(set(fmt.bits)):
         heads = torch.nonzero(bits == bw).flatten().tolist()
         prior = None if log_std is None else log_std[heads][None, :, None, :]

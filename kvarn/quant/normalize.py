@@ -47,7 +47,7 @@ def variance_normalize(
     log_r = torch.zeros(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
     log_c = torch.zeros(*x.shape[:-2], 1, x.shape[-1], dtype=x.dtype, device=x.device)
     if log_col_prior is not None:
-        log_c = log_c + log_col_prior.to(x.dtype)
+        log_c = log_c + log_col_prior.to(device=x.device, dtype=x.dtype)
         log_r = torch.log(_std(x * torch.exp(-log_c), -1, keepdim=True) + _EPS)
     best_r, best_c = log_r, log_c
     best = imbalance(x * torch.exp(-log_r - log_c))
