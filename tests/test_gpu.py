@@ -26,7 +26,10 @@ def test_codec_cuda_matches_cpu(fmt):
     # float differences may flip a rounding here and there: compare the error, not the bits
     ref_err = (cpu - x).pow(2).mean()
     assert (gpu - x).pow(2).mean() == pytest.approx(ref_err, rel=0.02)
-    assert (gpu - cpu).ne(0).float().mean() < 0.01, "more than 1% of values differ between CUDA and CPU"
+    # a flipped code moves a value by a quantization step; fp16-rounding noise in a scale moves it
+    # by ~1e-3 relative: count only the former
+    flips = ((gpu - cpu).abs() > 0.05 * x.std()).float().mean()
+    assert flips < 0.01, f"{flips:.2%} of values differ by a quantization step between CUDA and CPU"
     enc = encode_tiles(x[:, :1, 64:128].cuda(), fmt, fmt.bits[0], prior[:1][None].cuda())
     assert enc.codes.is_cuda
     dec = decode_tiles(enc, fmt, 64, prior[:1][None].cuda())
