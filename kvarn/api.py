@@ -36,6 +36,23 @@ def default_recipe_path(model_spec: str | None) -> Path:
     return Path(DEFAULT_NAME)
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+EMBEDDED_RECIPE = SHIPPED_RECIPES / "smollm2-135m-instruct.safetensors"
+
+
+def find_recipe(model_spec: str | None) -> Path | None:
+    """The recipe that ships with a model: ``MODEL/kvarn_recipe.safetensors`` for a directory, the
+    one in ``recipes/`` for the embedded model; None if there is none."""
+    from .models import EMBEDDED_MODEL
+
+    if model_spec and Path(model_spec).is_dir():
+        p = Path(model_spec) / DEFAULT_NAME
+        return p if p.exists() else None
+    if model_spec in (None, EMBEDDED_MODEL):
+        return EMBEDDED_RECIPE if EMBEDDED_RECIPE.exists() else None
+    return None
+
+
 @dataclass
 class CalibrationReport:
     recipe_path: str

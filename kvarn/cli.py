@@ -67,18 +67,26 @@ Examples:
   kvarn eval ./my-model --recipe ./my-model/kvarn_recipe.safetensors --text heldout.txt --json
 """)
 @click.argument("model", required=False)
-@click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several (omit to compare baselines only).")
+@click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn_recipe.safetensors, or recipes/ for the embedded model]")
+@click.option("--no-recipe", is_flag=True, help="Compare the baselines only.")
 @click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
 @click.option("--num-windows", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=1024, show_default=True)
 @click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3]")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def eval_cmd(model, recipe, text, num_windows, seq_len, methods, as_json):
+def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, as_json):
     """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
     from . import api
 
     def go():
-        rep = api.evaluate(model, recipe=list(recipe) or None, text=text, num_windows=num_windows, seq_len=seq_len,
+        recipes = list(recipe)
+        if not recipes and not no_recipe:
+            found = api.find_recipe(model)
+            if found is None:
+                raise KvarnError(f"no recipe for {model or 'the embedded model'}: pass --recipe PATH, make one with "
+                                 f"`kvarn calibrate {model or ''}`".rstrip() + ", or use --no-recipe for baselines only")
+            recipes = [found]
+        rep = api.evaluate(model, recipe=recipes or None, text=text, num_windows=num_windows, seq_len=seq_len,
                            methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
                            progress=not as_json)
         _emit(rep.to_dict(), as_json, api.format_eval_table(rep))
