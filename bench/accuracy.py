@@ -35,7 +35,10 @@ def plot(rows, path):
         calibrated = r["method"].startswith("recipe")
         ax.errorbar(r["bits_per_element"], r["delta_ppl_pct"], yerr=r["delta_ppl_pct_se"], fmt="o" if calibrated else "s",
                     color="C0" if calibrated else "C1", capsize=3)
-        ax.annotate(r["method"].replace("recipe ", "").strip("()"), (r["bits_per_element"], r["delta_ppl_pct"]),
+        label = r["method"]
+        if calibrated:
+            label = "kvarn calibrated " + label.split("recipe-")[-1].replace(".safetensors)", " b")
+        ax.annotate(label, (r["bits_per_element"], r["delta_ppl_pct"]),
                     fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("stored bits per K/V element (scales included)")
     ax.set_ylabel("Δ perplexity vs fp16 (%)")

@@ -251,11 +251,11 @@ def evaluate(
 
 def format_eval_table(report: EvalReport) -> str:
     head = f"{report.model_id} on {report.text}: {report.num_windows} windows x {report.seq_len} tokens"
-    cols = f"{'method':<34} {'bits/el':>7} {'compr':>6} {'ppl':>8} {'Δppl %':>15} {'KL(fp16‖m)':>17} {'top-1 %':>13}"
+    cols = f"{'method':<42} {'bits/el':>7} {'compr':>6} {'ppl':>8} {'Δppl %':>15} {'KL(fp16‖m)':>17} {'top-1 %':>13}"
     lines = [head, cols, "-" * len(cols)]
     for r in report.results:
         lines.append(
-            f"{r.method:<34} {r.bits_per_element:>7.3f} {r.compression:>5.2f}x {r.ppl:>8.3f} "
+            f"{r.method:<42} {r.bits_per_element:>7.3f} {r.compression:>5.2f}x {r.ppl:>8.3f} "
             f"{r.delta_ppl_pct:>+7.2f} ± {r.delta_ppl_pct_se:>5.2f} {r.kl:>8.4f} ± {r.kl_se:>6.4f} "
             f"{100 * r.top1:>6.2f} ± {100 * r.top1_se:>4.2f}"
         )

@@ -176,6 +176,7 @@ class Recipe:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a recipe is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -186,6 +187,12 @@ class Recipe:
     def load(cls, path: str | os.PathLike) -> "Recipe":
         meta, tensors = _read(path, with_tensors=True)
         return _from_parts(path, meta, tensors)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fail(path, what: str, fix: str = "make a new one with `kvarn calibrate MODEL`") -> KvarnError:
