@@ -43,15 +43,19 @@ Examples:
 @click.option("-o", "--output", default=None, metavar="PATH", help="Recipe path. [default: MODEL/kvarn_recipe.safetensors for a model directory, else ./kvarn_recipe.safetensors]")
 @click.option("--tile", type=click.Choice(["64", "128"]), default="128", help="Tokens per quantized tile.")
 @click.option("--objective", type=click.Choice(["fisher", "mse"]), default="fisher", help="Allocation objective: loss-gradient-weighted or plain attention-output error.")
+@click.option("--k-normalize", type=click.Choice(["none", "tile"]), default="none", help="Keys: KVarN per-tile normalization (stores a per-token scale) or none.")
+@click.option("--v-normalize", type=click.Choice(["static", "tile", "none"]), default="static", help="Values: calibrated per-channel scale (free), KVarN per-tile normalization, or none.")
+@click.option("--no-clip", is_flag=True, help="Plain min/max ranges instead of the MSE-optimal clipping search.")
 @click.option("--seed", type=int, default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, seed, as_json):
+def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, k_normalize, v_normalize, no_clip, seed, as_json):
     """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
     from . import api
 
     def go():
         _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
                                compression=compression, output=output, tile=int(tile), objective=objective,
+                               k_normalize=k_normalize, v_normalize=v_normalize, clip=not no_clip,
                                seed=seed, progress=not as_json)
         text = (f"wrote {rep.recipe_path}: {rep.bits_per_element:.3f} bits/element (scales included), "
                 f"{rep.compression:.2f}x smaller than fp16; mean K bits {rep.k_bits_mean:.2f}, V bits {rep.v_bits_mean:.2f}; "
