@@ -4,9 +4,10 @@ A tile ``x [..., G, D]`` is balanced by a row scale ``r [..., G, 1]`` and a colu
 ``c [..., 1, D]`` so that ``x / (r * c)`` has rows and columns of similar standard deviation.
 Each iteration is a column step then a row step (Sinkhorn-like). Because a step rescales only the
 axis it fits, the column step reduces to ``c = std over rows of (x / r)`` and the row step to
-``r = std over columns of (x / c)``: no running products of scales are needed, and right after a
-row step every row of ``x / (r c)`` has std 1, so the imbalance left is that of the columns. The
-iteration does not shrink that monotonically on real activations, so the best-balanced pair seen
+``r = std over columns of (x / c)``: no running products of scales are needed. After each
+iteration the mean log column scale is moved into the row scales (``(r k, c / k)`` normalizes
+alike), which keeps the pair from drifting towards the eps floor. The iteration
+does not shrink the imbalance monotonically on real activations, so the best-balanced pair seen
 (including the start) is kept per tile.
 """
 
@@ -54,9 +55,11 @@ def variance_normalize(
     for _ in range(iters):
         log_c = torch.log(_std(x * torch.exp(-log_r), -2, keepdim=True) + _EPS)
         log_r = torch.log(_std(x * torch.exp(-log_c), -1, keepdim=True) + _EPS)
-        # Rows of x / (r c) now have std 1 (up to eps): the imbalance left is the columns'.
-        col = torch.log(_std(x * torch.exp(-log_r - log_c), -2) + _EPS)
-        score = _std(col, -1)
+        # (r k, c / k) is the same normalization for any k: pin the mean log column scale to 0 so
+        # the pair cannot drift until x / c nears the eps floor (seen on tiny tiles).
+        shift = log_c.mean(dim=-1, keepdim=True)
+        log_c, log_r = log_c - shift, log_r + shift
+        score = imbalance(x * torch.exp(-log_r - log_c))
         better = score < best
         best = torch.where(better, score, best)
         better = better[..., None, None]

@@ -77,6 +77,8 @@ def fake_quantize_symmetric(x: torch.Tensor, bits: int, dim: int) -> torch.Tenso
 
     Baselines only (e.g. int4 per token and head); kvarn's own formats are asymmetric.
     """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"symmetric bits has to be one of [2, 3, 4, 8] but got {bits}")
     x = x.float()
     qmax = 2 ** (bits - 1) - 1
     scale = (x.abs().amax(dim=dim, keepdim=True) / qmax).clamp_min(_MIN_SCALE).half().float()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +70,9 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     rotation. fp8-e4m3: cast on write with unit scale (vLLM's fp8 cache default).
     """
     n, h, d = num_layers, num_kv_heads, head_dim
-    if name.startswith("kvarn-"):
-        kb, vb = int(name[7]), int(name[9])
+    m = re.fullmatch(r"kvarn-k([2348])v([2348])-g128(-nosink)?", name)
+    if m:
+        kb, vb = int(m.group(1)), int(m.group(2))
         return uniform_scheme(name, n, h, d, 128, TensorFormat((kb,), "channel", "tile"),
                               TensorFormat((vb,), "token", "tile"), not name.endswith("-nosink"))
     if name == "int4-per-token-head":

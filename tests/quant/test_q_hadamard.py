@@ -6,6 +6,7 @@ computed entry by entry (independent of the recursive construction under test).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -16,9 +17,20 @@ from hypothesis import strategies as st
 from kvarn.errors import KvarnError
 from kvarn.quant.hadamard import check_head_dim, hadamard_matrix, rotate
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 POW2 = [2**i for i in range(10)]  # 1 .. 512
 
 
+@functools.lru_cache(maxsize=None)
 def ref_hadamard(d: int) -> torch.Tensor:
     h = torch.empty(d, d, dtype=torch.float64)
     for i in range(d):
@@ -39,7 +51,7 @@ def test_hadamard_orthonormal_symmetric(d):
     assert mag <= 1e-15, f"|H| - 1/sqrt(D): max abs err {mag:.3e} > 1e-15 at D={d}"
 
 
-@pytest.mark.parametrize("d", [1, 2, 4, 8, 16, 64, 128])
+@pytest.mark.parametrize("d", POW2)
 def test_hadamard_matches_entry_formula(d):
     h = hadamard_matrix(d, dtype=torch.float64)
     ref = ref_hadamard(d)
@@ -53,7 +65,7 @@ def test_hadamard_matrix_rejects_non_power_of_two(d):
         hadamard_matrix(d)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     log_d=st.integers(0, 9),
     lead=st.lists(st.integers(1, 5), min_size=0, max_size=3),
@@ -66,14 +78,14 @@ def test_rotate_matches_reference_and_preserves_geometry(log_d, lead, seed):
     k = torch.randn(*lead, d, generator=gen, dtype=torch.float64) * 3
     rq, rk = rotate(q), rotate(k)
     assert rq.shape == q.shape and rq.dtype == torch.float64
-    # x @ H with the entry-formula matrix, as an explicit sum over the input index.
-    href = ref_hadamard(d) if d <= 64 else hadamard_matrix(d, dtype=torch.float64)
-    ref = (q[..., :, None] * href).sum(-2)
+    # x @ H with the entry-formula matrix
+    href = ref_hadamard(d)
+    ref = q @ href
     err = (rq - ref).abs().max().item() if q.numel() else 0.0
     assert err <= 1e-12, f"rotate(q) vs float64 q @ H: max abs err {err:.3e} > 1e-12"
     dot_ref = (q * k).sum(-1)
     dot = (rq * rk).sum(-1)
-    tol = 1e-10 * (1 + dot_ref.abs().max().item() if dot_ref.numel() else 1)
+    tol = 1e-10 * (1 + (dot_ref.abs().max().item() if dot_ref.numel() else 0))
     if dot.numel():
         derr = (dot - dot_ref).abs().max().item()
         assert derr <= tol, f"rotate(q).rotate(k) - q.k: max abs err {derr:.3e} > {tol:.3e}"
