@@ -13,7 +13,7 @@ core=$?
 vllm=0
 if [[ "${KVARN_SKIP_VLLM:-0}" != "1" ]]; then
   bash scripts/install-vllm-env.sh && \
-  VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 .venv-vllm/bin/python -m pytest -q -ra tests/test_vllm_plugin.py
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind .venv-vllm/bin/python -m pytest -q -ra -rP tests/test_vllm_plugin.py
   vllm=$?
 fi
 echo "core tests: exit $core; vLLM tests: exit $vllm"
