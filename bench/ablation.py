@@ -4,8 +4,8 @@ all at the same memory budget, on the default held-out evaluation.
     python bench/ablation.py [--avg-bits 2.6] [--out bench/results/ablation]
 
 Variants: default (fisher objective, static V scale, no K normalization, clipping) · mse objective ·
-no clipping · V with KVarN per-tile normalization · K with KVarN per-tile normalization.
-Writes <out>.json and prints the table.
+no clipping · V with KVarN per-tile normalization · K with KVarN per-tile normalization; plus the
+uniform K4V2 and K2V2 presets for reference. Writes <out>.json and prints the table.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main():
         calib[name] = {"bits_per_element": rep.bits_per_element, "seconds": rep.seconds, **kw}
         print(f"{name}: {rep.bits_per_element:.3f} bits/element, calibrated in {rep.seconds:.1f} s", flush=True)
         paths.append(path)
-    rep = api.evaluate(loaded=lm, recipe=paths, methods=[], num_windows=args.num_windows)
+    rep = api.evaluate(loaded=lm, recipe=paths, methods=["kvarn-k4v2-g128", "kvarn-k2v2-g128"], num_windows=args.num_windows)
     print(api.format_eval_table(rep))
     out.with_suffix(".json").write_text(json.dumps({"avg_bits": args.avg_bits, "variants": calib, **rep.to_dict()}, indent=2))
     print(f"wrote {out.with_suffix('.json')}")
