@@ -17,14 +17,6 @@ from hypothesis import strategies as st
 from kvarn.quant.attention import mixed_attention, mixed_attention_ref, quantized_read_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ref_read_quantized(p: int, j: int, tile: int, keep_first: bool) -> bool:
     if tile == 1:

@@ -30,14 +30,6 @@ from kvarn.quant.hadamard import rotate
 from kvarn.quant.normalize import variance_normalize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 D_CHOICES = [64, 128]
 

@@ -30,14 +30,6 @@ from kvarn.quant.formats import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def kvarn_layer(kb, vb, d, tile=128, heads=1):
     return LayerFormat(d, tile, TensorFormat((kb,) * heads, "channel", "tile"), TensorFormat((vb,) * heads, "token", "tile"))

@@ -18,14 +18,6 @@ from kvarn.errors import KvarnError
 from kvarn.quant.hadamard import check_head_dim, hadamard_matrix, rotate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 POW2 = [2**i for i in range(10)]  # 1 .. 512
 

@@ -20,14 +20,6 @@ from hypothesis import strategies as st
 from kvarn.quant.normalize import imbalance, variance_normalize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 EPS = 1e-6
 

@@ -14,14 +14,6 @@ from hypothesis import strategies as st
 from kvarn.quant.pack import pack_bits, packed_size, unpack_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 BITS = [1, 2, 3, 4, 8]
 

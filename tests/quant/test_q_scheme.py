@@ -17,14 +17,6 @@ from kvarn.quant.codec import fake_quantize_sequence
 from kvarn.quant.scheme import PRESETS, SchemeAttention, preset_scheme
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids thread hand-off costs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name,d,bits,tile,fp16_tokens", [
     ("kvarn-k4v2-g128", 64, 3.5625, 128, 255),
