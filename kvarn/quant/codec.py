@@ -48,6 +48,31 @@ def _static_scale(log_std: torch.Tensor | None, d: int, device) -> torch.Tensor:
     return torch.exp(log_std.float()).to(device).reshape(*log_std.shape[:-1], 1, d)
 
 
+def _group_dim(fmt: TensorFormat) -> int:
+    """RTN groups reduce over tokens (per-channel keys) or over channels (per-token values)."""
+    return -2 if fmt.axis == "channel" else -1
+
+
+def _rotate_and_normalize(x, fmt: TensorFormat, log_std, iters):
+    """The encoder's common front: rotate, then divide by the normalization multiplier.
+
+    Returns ``(x / mult, mult)`` where ``mult`` (fp16-exact float32, broadcastable to x) is the
+    per-token (channel axis) or per-channel (token axis) scale the reader multiplies back, or None.
+    """
+    d = x.shape[-1]
+    if fmt.hadamard:
+        x = rotate(x)
+    mult = None
+    if fmt.normalize == "tile":
+        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
+        log_r, log_c = variance_normalize(x, iters, prior)
+        stored = log_r if fmt.axis == "channel" else log_c
+        mult = torch.exp(stored).clamp(6.2e-5, 65504.0).half().float()
+    elif fmt.normalize == "static":
+        mult = _static_scale(log_std, d, x.device)
+    return (x if mult is None else x / mult), mult
+
+
 def encode_tiles(
     x: torch.Tensor, fmt: TensorFormat, bits: int, log_std: torch.Tensor | None = None,
     iters: int = NORMALIZE_ITERS,
@@ -58,26 +83,15 @@ def encode_tiles(
     the start of the normalization (``"tile"``) or the fixed channel scale (``"static"``).
     """
     x = x.float()
-    g, d = x.shape[-2], x.shape[-1]
     if bits == FP16_BITS:
         return EncodedTiles(bits, x.half())
     if fmt.codec == "fp8":
         return EncodedTiles(bits, x.to(torch.float8_e4m3fn))
     if fmt.codec != "rtn":
         raise ValueError(f"codec {fmt.codec!r} is a baseline for evaluation; it has no stored form")
-    if fmt.hadamard:
-        x = rotate(x)
-    norm = None
-    if fmt.normalize == "tile":
-        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
-        log_r, log_c = variance_normalize(x, iters, prior)
-        stored = log_r if fmt.axis == "channel" else log_c
-        norm = torch.exp(stored).clamp(6.2e-5, 65504.0).half()
-        x = x / norm.float()
-    elif fmt.normalize == "static":
-        x = x / _static_scale(log_std, d, x.device)
-    dim = -2 if fmt.axis == "channel" else -1
-    codes, scale, zero = quantize_rtn(x, bits, dim=dim, clip=fmt.clip)
+    x, mult = _rotate_and_normalize(x, fmt, log_std, iters)
+    norm = mult.half() if fmt.normalize == "tile" else None  # "static" lives in the recipe
+    codes, scale, zero = quantize_rtn(x, bits, dim=_group_dim(fmt), clip=fmt.clip)
     return EncodedTiles(bits, pack_bits(codes, bits), scale.half(), zero.half(), norm)
 
 
@@ -102,27 +116,14 @@ def fake_quantize_tiles(
 ) -> torch.Tensor:
     """``decode(encode(x))`` without packing: float32 ``[..., G, D]``."""
     x = x.float()
-    d = x.shape[-1]
     if bits == FP16_BITS:
         return x.half().float()
     if fmt.codec == "fp8":
         return x.to(torch.float8_e4m3fn).float()
     if fmt.codec == "rtn-sym":
-        return fake_quantize_symmetric(x, bits, -2 if fmt.axis == "channel" else -1)
-    if fmt.hadamard:
-        x = rotate(x)
-    mult = None
-    if fmt.normalize == "tile":
-        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
-        log_r, log_c = variance_normalize(x, iters, prior)
-        mult = torch.exp(log_r if fmt.axis == "channel" else log_c).clamp(6.2e-5, 65504.0).half().float()
-    elif fmt.normalize == "static":
-        mult = _static_scale(log_std, d, x.device)
-    if mult is not None:
-        x = x / mult
-    dim = -2 if fmt.axis == "channel" else -1
-    codes, scale, zero = quantize_rtn(x, bits, dim=dim, clip=fmt.clip)
-    x = dequantize_rtn(codes, scale, zero)
+        return fake_quantize_symmetric(x, bits, _group_dim(fmt))
+    x, mult = _rotate_and_normalize(x, fmt, log_std, iters)
+    x = dequantize_rtn(*quantize_rtn(x, bits, dim=_group_dim(fmt), clip=fmt.clip))
     if mult is not None:
         x = x * mult
     return rotate(x) if fmt.hadamard else x

@@ -43,6 +43,13 @@ def hadamard_matrix(d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """
     if d < 1 or d & (d - 1):
         raise KvarnError(f"head_dim={d} is not a power of two; the Hadamard rotation needs one")
+    return _hadamard_on(d, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(d: int, dtype, device: torch.device) -> torch.Tensor:
+    # Cached per (size, dtype, device): rotate() runs per layer per step, and a fresh host→device
+    # copy each time would sit on the decode path.
     return _hadamard_cpu(d).to(device=device, dtype=dtype)
 
 
