@@ -339,5 +339,10 @@ class KvarnFullAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs):
+        # vLLM asks "can these layers share one spec?" by merging them and catching AssertionError;
+        # layers with different bit allocations must answer no, so that each keeps its own page
+        # (UniformTypeKVCacheSpecs) instead of all getting the first layer's page
+        assert all(s.kvarn_page_bytes == specs[0].kvarn_page_bytes for s in specs), (
+            "kvarn layers with different page sizes cannot share one KV-cache spec")
         merged = super().merge(specs)
         return replace(merged, kvarn_page_bytes=specs[0].kvarn_page_bytes)
