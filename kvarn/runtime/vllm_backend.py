@@ -15,10 +15,11 @@ accounting sees it (and an explicit ``kv_cache_memory_bytes`` is reduced by it a
 ``KvarnCPUBackend`` replaces ``CPU_ATTN`` (the CPU platform always picks that one): for any other
 cache dtype it hands out the stock CPU impl and builder, so registering it changes nothing unless
 ``--kv-cache-dtype kvarn`` is used. ``KvarnBackend`` is the same reader for the ``CUSTOM`` slot on
-GPUs (untested here; the GPU kernels issue replaces the PyTorch path behind this interface).
+GPUs (run on an H200 with vLLM 0.26.0: the engine tests pass there; the GPU kernels issue replaces the
+PyTorch path behind this interface).
 
 Version-specific page sizing: 0.32+ ``customize_spec``; 0.26 ``get_kv_cache_shape`` plus a spec
-subclass with the page size (``_install_layer_v026``; written from the 0.26 source, untested).
+subclass with the page size (``_install_layer_v026``; tested on the H200).
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ class _KvarnSpecMixin:
 
 
 class KvarnBackend(_KvarnSpecMixin, AttentionBackend):
-    """kvarn only (``CUSTOM`` slot on GPUs; untested here)."""
+    """kvarn only (``CUSTOM`` slot on GPUs)."""
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
@@ -318,7 +319,7 @@ def _needs_v026_spec() -> bool:
 
 
 def _install_layer_v026(layer, page_bytes: int) -> None:
-    """0.26 (untested here): the layer's spec carries the page size, since no backend hook sizes it."""
+    """0.26: the layer's spec carries the page size, since no backend hook sizes it."""
     def get_kv_cache_spec(vllm_config):
         return KvarnFullAttentionSpec(
             block_size=vllm_config.cache_config.block_size, num_kv_heads=layer.num_kv_heads,

