@@ -195,16 +195,16 @@ def test_greedy_tokens_vs_fp16_vllm(kvarn_llm, base_llm, prompts):
 
 
 def test_prefix_caching_reuses_quantized_blocks(lm, kvarn_llm, recipe_path, prompts):
-    """Two prompts sharing 3 full tiles: the second hits the cache for at least the first two (the
-    fp16 first-tile copy and a quantized page) and reads them correctly."""
+    """Two prompts sharing 3 full tiles and 20 tokens: the second hits the cache for all three tiles
+    (the first tile's fp16 copy and two quantized pages) and reads them correctly."""
     from kvarn.recipe import Recipe
 
     scheme = Recipe.load(recipe_path).to_scheme()
-    prefix = prompts[3][: 3 * G + 20]
-    a, b = prefix + prompts[0][:50], prefix + prompts[1][:77]
+    prefix = prompts[0][: 3 * G + 20]
+    a, b = prefix + prompts[1][:50], prefix + prompts[2][:77]
     _generate(kvarn_llm, [a], max_tokens=4)
     (out,) = _generate(kvarn_llm, [b], max_tokens=16)
-    assert out.num_cached_tokens >= 2 * G, f"expected a prefix-cache hit, got {out.num_cached_tokens} cached tokens"
+    assert out.num_cached_tokens == 3 * G, f"expected a 3-tile prefix-cache hit, got {out.num_cached_tokens} tokens"
     d = torch.tensor([x for _, x in _diffs(lm, scheme, b, out)[0]])
     print(f"\nprefix hit {out.num_cached_tokens} tokens; decode vs reference: mean {d.mean():.4f}, max {d.max():.4f}")
     assert d.mean() < 0.03 and d.max() < 1.0
