@@ -72,7 +72,7 @@ def model_dir(lm):
 
 
 @pytest.fixture(scope="module")
-def recipe_path(lm):
+def recipe_path():
     """The shipped SmolLM2 recipe: what a user of the embedded model serves."""
     path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-instruct.safetensors"
     assert path.is_file(), f"{path} is missing: the shipped recipe is part of the repository"
