@@ -1,7 +1,8 @@
-"""kvarn.quant.pack against a Python-int reference of the documented little-endian bit stream.
+"""kvarn.quant.pack against a Python-int reference of the documented layout.
 
-Reference: a row's stream is the integer sum(code_i << (i * b)); its bytes are that integer's
-little-endian bytes (byte j = stream bits [8j, 8j+8), bit 8j least significant).
+Reference: at 1/2/4/8 bits a row's stream is the integer sum(code_i << (i * b)); its bytes are that
+integer's little-endian bytes (byte j = stream bits [8j, 8j+8), bit 8j least significant). At 3 bits:
+the 2-bit stream of the low bits, then the 1-bit stream of the high bits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ BITS = [1, 2, 3, 4, 8]
 
 
 def ref_pack_row(codes: list[int], b: int) -> list[int]:
+    if b == 3:  # two planes: the low 2 bits as a 2-bit stream, then the high bit as a 1-bit stream
+        return ref_pack_row([c & 3 for c in codes], 2) + ref_pack_row([c >> 2 for c in codes], 1)
     stream = 0
     for i, c in enumerate(codes):
         stream |= c << (i * b)
@@ -26,6 +29,9 @@ def ref_pack_row(codes: list[int], b: int) -> list[int]:
 
 
 def ref_unpack_row(data: list[int], b: int, n: int) -> list[int]:
+    if b == 3:
+        lo, hi = ref_unpack_row(data[: n // 4], 2, n), ref_unpack_row(data[n // 4:], 1, n)
+        return [a | (h << 2) for a, h in zip(lo, hi)]
     stream = int.from_bytes(bytes(data), "little")
     return [(stream >> (i * b)) & ((1 << b) - 1) for i in range(n)]
 
@@ -75,16 +81,12 @@ def test_documented_layout_b2():
 
 
 def test_documented_layout_b3():
-    # codes 1..7, 0 (3 bits each, LSB first) as a 24-bit stream, bit 0 first:
-    #   byte 0 = bits 0-7  : code0=001 (bits 0-2), code1=010 (bits 3-5), code2=011 low 2 bits (bits 6-7 = 11)
-    #            -> 0b11_010_001 = 0xD1
-    #   byte 1 = bits 8-15 : code2 high bit (0), code3=100 (bits 9-11), code4=101 (bits 12-14),
-    #            code5=110 low bit (bit 15 = 0) -> 0b0_101_100_0 = 0x58
-    #   byte 2 = bits 16-23: code5 high 2 bits (11), code6=111 (bits 18-20), code7=000 (bits 21-23)
-    #            -> 0b000_111_11 = 0x1F
+    # two planes: lo = codes & 3 as a 2-bit stream (2 bytes for 8 codes), hi = codes >> 2 as a
+    # 1-bit stream (1 byte). codes 1..7, 0: lo = 1,2,3,0,1,2,3,0 -> 0b00_11_10_01 twice = 0x39, 0x39;
+    # hi = 0,0,0,1,1,1,1,0 (bit i = code i) -> 0b0111_1000 = 0x78
     codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
     got = pack_bits(codes, 3)
-    assert got.tolist() == [0xD1, 0x58, 0x1F], f"b=3 packed to {[hex(v) for v in got.tolist()]}, expected [0xd1, 0x58, 0x1f]"
+    assert got.tolist() == [0x39, 0x39, 0x78], f"b=3 packed to {[hex(v) for v in got.tolist()]}, expected [0x39, 0x39, 0x78]"
     assert unpack_bits(got, 3, 8).tolist() == codes.tolist()
 
 

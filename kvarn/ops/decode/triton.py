@@ -1,0 +1,445 @@
+"""Triton decode attention over packed pages (see ``reference.py`` for the function computed).
+
+Kernels:
+
+* ``_paged_kernel`` — one program per (row block, KV head of a head group, split). A row block is
+  the whole GQA group of one or more query tokens of one sequence, padded to ``M >= 16`` rows: the
+  N side of every dot, so each packed byte is read once per KV head. The program walks its split
+  of the sequence's tiles; per sub-tile of ``BT`` tokens the packed codes are read straight from
+  the page and turned into fp16 in registers — no dequantized copy in HBM. The KV tile is the M
+  side of the score dot (``s^T [BT, M]``). Scales are folded out of the inner loop:
+  K (per channel): ``s = norm_t * (q' . code_t + q . zero)`` with ``q' = q * scale`` per tile;
+  V (per token): ``o += norm_c * ((p * scale) . code + sum(p * zero))``.
+  Codes are never interleaved in registers: field ``j`` of each byte (channels ``j, j+PER, ...``)
+  gets its own dot (``PER = 8 / bits``) and, for V, its own accumulator; the un-rotation at the end
+  (``o @ H``, rows of H taken with the same stride) interleaves them for free.
+  The query is rotated once in the prologue; the output is written in the model's basis.
+* ``_staged_kernel`` — the fp16 part of a decode step (first tile + open tile from staging).
+* ``_combine_kernel`` — merges the splits' partial results by their log-sum-exp.
+
+Partial results carry base-2 log-sum-exps (the kernels work in ``exp2`` with ``log2(e)`` folded
+into the query scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.formats import FP16_BITS
+from ..layout import PageLayout
+
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
+MAX_SPLITS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _to_f16(c, CVT: tl.constexpr):
+    """Small unsigned integer codes → fp16. CVT 1: OR into the mantissa of 1024.0 (0x6400) and
+    subtract 1024 in fp16 (exact), avoiding int→float conversions; CVT 0: a plain conversion."""
+    if CVT == 1:
+        return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return c.to(tl.float16)
+
+
+@triton.jit
+def _codes(u8, f16, base, t, i, J: tl.constexpr, ROW: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+           FP8: tl.constexpr, CVT: tl.constexpr):
+    """fp16 ``[BT, DP]``: field J (channels ``i * PER + J``) of tokens ``t`` of a codes field at byte ``base``."""
+    if BITS == 16:
+        return tl.load(f16 + (base // 2 + t[:, None] * D + i[None, :]))
+    elif FP8:
+        raw = tl.load(u8 + (base + t[:, None] * D + i[None, :]))
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    elif BITS == 3:
+        lo = tl.load(u8 + (base + t[:, None] * ROW + i[None, :])).to(tl.int32)
+        hi = tl.load(u8 + (base + t[:, None] * ROW + D // 4 + (i // 2)[None, :])).to(tl.int32)
+        c = ((lo >> (2 * J)) & 3) | (((hi >> (4 * (i % 2)[None, :] + J)) & 1) << 2)
+        return _to_f16(c, CVT)
+    else:
+        raw = tl.load(u8 + (base + t[:, None] * ROW + i[None, :])).to(tl.int32)
+        c = (raw >> (J * BITS)) & ((1 << BITS) - 1)
+        return _to_f16(c, CVT)
+
+
+@triton.jit
+def _q_field(q_ptr, q_off, rows_ok, had, i, J: tl.constexpr, PER: tl.constexpr, D: tl.constexpr,
+             ROT: tl.constexpr, qscale):
+    """float32 ``[M, DP]``: the (rotated) query's channels ``i * PER + J``, times ``qscale``."""
+    if ROT:
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32)
+        hcol = tl.load(had + d[:, None] * D + (i * PER + J)[None, :])
+        return tl.dot(q, hcol, input_precision="ieee") * qscale
+    else:
+        q = tl.load(q_ptr + q_off[:, None] + (i * PER + J)[None, :], mask=rows_ok[:, None], other=0.0)
+        return q.to(tl.float32) * qscale
+
+
+@triton.jit
+def _k_dot(u8, f16, kbase, sbase, zbase, t, i, q_j, J: tl.constexpr, ROW: tl.constexpr, D: tl.constexpr,
+           PER: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr, SCALED: tl.constexpr):
+    """(``codes_J . (q_J * scale_J)`` as ``[BT, M]``, ``q_J . zero_J`` as ``[M]``)."""
+    c = _codes(u8, f16, kbase, t, i, J, ROW, D, BITS, FP8, CVT)
+    if SCALED:
+        ks = tl.load(f16 + (sbase // 2 + i * PER + J)).to(tl.float32)
+        kz = tl.load(f16 + (zbase // 2 + i * PER + J)).to(tl.float32)
+        qs = tl.trans((q_j * ks[None, :]).to(tl.float16))
+        return tl.dot(c, qs), tl.sum(q_j * kz[None, :], 1)
+    else:
+        return tl.dot(c, tl.trans(q_j.to(tl.float16))), tl.sum(q_j * 0.0, 1)
+
+
+@triton.jit
+def _v_dot(u8, f16, vbase, nbase, t, i, pv, acc, alpha, pz, J: tl.constexpr, ROW: tl.constexpr,
+           D: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr,
+           TILE_NORM: tl.constexpr):
+    """acc_J ``[M, DP]`` updated with one sub-tile: ``alpha * acc + norm_J * (pv . codes_J + pz)``."""
+    c = _codes(u8, f16, vbase, t, i, J, ROW, D, BITS, FP8, CVT)
+    part = tl.dot(pv, c) + pz[:, None]
+    if TILE_NORM:
+        vn = tl.load(f16 + (nbase // 2 + i * PER + J)).to(tl.float32)
+        part = part * vn[None, :]
+    return acc * alpha[:, None] + part
+
+
+@triton.jit
+def _store_out(ws_o, o_off, rows_ok, acc, had, i, v_static, J: tl.constexpr, PER: tl.constexpr, D: tl.constexpr,
+               ROT: tl.constexpr, STATIC: tl.constexpr, inv_l, out):
+    """Scale accumulator J; without rotation store its channels, with rotation add ``acc_J @ H_rows_J``."""
+    a = acc * inv_l[:, None]
+    if STATIC:
+        a = a * tl.load(v_static + i * PER + J)[None, :]
+    if ROT:
+        d = tl.arange(0, D)
+        hrow = tl.load(had + (i * PER + J)[:, None] * D + d[None, :])
+        return out + tl.dot(a, hrow, input_precision="ieee")
+    else:
+        tl.store(ws_o + o_off[:, None] + (i * PER + J)[None, :], a, mask=rows_ok[:, None])
+        return out
+
+
+@triton.jit
+def _paged_kernel(
+    q_ptr, stride_qt, stride_qh,
+    ws_o, ws_lse, ws_stride_s,  # partials [S, T, Hq, D] float32 / [S, T, Hq] float32
+    u8, f16, page_stride,
+    offsets, heads, v_static, had,
+    block_table, bt_stride, q_tile, page_start,
+    row_seq, row_tok0, row_ntok,
+    qscale, num_kv_heads,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOKS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr, ROWS_ARE_SEQS: tl.constexpr,
+    K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_ROT: tl.constexpr, K_NORM: tl.constexpr,
+    V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_ROT: tl.constexpr, V_NORM: tl.constexpr,
+    CVT: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    h = tl.load(heads + tl.program_id(1))
+    pid_s = tl.program_id(2)
+    if ROWS_ARE_SEQS:
+        b = pid_r
+        tok0 = pid_r
+        ntok = 1
+    else:
+        b = tl.load(row_seq + pid_r)
+        tok0 = tl.load(row_tok0 + pid_r)
+        ntok = tl.load(row_ntok + pid_r)
+
+    # K/V field geometry: PER fields per byte, DP channels per field, ROW bytes per token
+    K_PER: tl.constexpr = 1 if (K_BITS == 16 or K_FP8 or K_BITS == 8) else (4 if K_BITS == 3 else 8 // K_BITS)
+    V_PER: tl.constexpr = 1 if (V_BITS == 16 or V_FP8 or V_BITS == 8) else (4 if V_BITS == 3 else 8 // V_BITS)
+    K_DP: tl.constexpr = D // K_PER
+    V_DP: tl.constexpr = D // V_PER
+    K_ROW: tl.constexpr = D if (K_BITS == 16 or K_FP8) else D * K_BITS // 8
+    V_ROW: tl.constexpr = D if (V_BITS == 16 or V_FP8) else D * V_BITS // 8
+    K_SCALED: tl.constexpr = not (K_BITS == 16 or K_FP8)
+    V_SCALED: tl.constexpr = not (V_BITS == 16 or V_FP8)
+
+    r = tl.arange(0, M)
+    tok = r // GROUP
+    rows_ok = (tok < ntok) & (r < TOKS * GROUP)
+    tok_idx = tok0 + tok
+    qhead = h * GROUP + r % GROUP
+    q_off = tok_idx.to(tl.int64) * stride_qt + qhead * stride_qh
+    row_lim = tl.load(q_tile + tok_idx, mask=rows_ok, other=0)
+    start = tl.load(page_start + b)
+    end = tl.max(row_lim, 0)
+    per_split = tl.cdiv(tl.maximum(end - start, 0), SPLITS)
+    lo = start + pid_s * per_split
+    hi = tl.minimum(lo + per_split, end)
+
+    ki = tl.arange(0, K_DP)
+    vi = tl.arange(0, V_DP)
+    q0 = _q_field(q_ptr, q_off, rows_ok, had, ki, 0, K_PER, D, K_ROT, qscale)
+    if K_PER > 1:
+        q1 = _q_field(q_ptr, q_off, rows_ok, had, ki, 1, K_PER, D, K_ROT, qscale)
+    if K_PER > 2:
+        q2 = _q_field(q_ptr, q_off, rows_ok, had, ki, 2, K_PER, D, K_ROT, qscale)
+        q3 = _q_field(q_ptr, q_off, rows_ok, had, ki, 3, K_PER, D, K_ROT, qscale)
+    k_off = tl.load(offsets + h * 4 + tl.arange(0, 4))
+    v_off = tl.load(offsets + (num_kv_heads + h) * 4 + tl.arange(0, 4))
+    kc = tl.sum(tl.where(tl.arange(0, 4) == 0, k_off, 0), 0).to(tl.int64)
+    ksc = tl.sum(tl.where(tl.arange(0, 4) == 1, k_off, 0), 0).to(tl.int64)
+    kz = tl.sum(tl.where(tl.arange(0, 4) == 2, k_off, 0), 0).to(tl.int64)
+    kn = tl.sum(tl.where(tl.arange(0, 4) == 3, k_off, 0), 0).to(tl.int64)
+    vc = tl.sum(tl.where(tl.arange(0, 4) == 0, v_off, 0), 0).to(tl.int64)
+    vsc = tl.sum(tl.where(tl.arange(0, 4) == 1, v_off, 0), 0).to(tl.int64)
+    vz = tl.sum(tl.where(tl.arange(0, 4) == 2, v_off, 0), 0).to(tl.int64)
+    vn = tl.sum(tl.where(tl.arange(0, 4) == 3, v_off, 0), 0).to(tl.int64)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    a0 = tl.zeros([M, V_DP], tl.float32)
+    a1 = tl.zeros([M, V_DP], tl.float32)
+    a2 = tl.zeros([M, V_DP], tl.float32)
+    a3 = tl.zeros([M, V_DP], tl.float32)
+    for tile in range(lo, hi):
+        page = tl.load(block_table + b.to(tl.int64) * bt_stride + tile).to(tl.int64) * page_stride
+        live = tile < row_lim  # [M]: rows whose own tile comes later read this one
+        for sub in tl.static_range(G // BT):
+            t = sub * BT + tl.arange(0, BT)
+            s, bias = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q0, 0, K_ROW, D, K_PER, K_BITS,
+                             K_FP8, CVT, K_SCALED)
+            if K_PER > 1:
+                s1, b1 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q1, 1, K_ROW, D, K_PER, K_BITS,
+                                K_FP8, CVT, K_SCALED)
+                s += s1
+                bias += b1
+            if K_PER > 2:
+                s2, b2 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q2, 2, K_ROW, D, K_PER, K_BITS,
+                                K_FP8, CVT, K_SCALED)
+                s3, b3 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q3, 3, K_ROW, D, K_PER, K_BITS,
+                                K_FP8, CVT, K_SCALED)
+                s += s2 + s3
+                bias += b2 + b3
+            s = s + bias[None, :]
+            if K_NORM:
+                s = s * tl.load(f16 + ((page + kn) // 2 + t)).to(tl.float32)[:, None]
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[None, :])  # [BT, M]
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
+            if V_SCALED:
+                vs = tl.load(f16 + ((page + vsc) // 2 + t)).to(tl.float32)
+                vzp = tl.load(f16 + ((page + vz) // 2 + t)).to(tl.float32)
+                pv = tl.trans((p * vs[:, None]).to(tl.float16))
+                pz = tl.sum(p * vzp[:, None], 0)
+            else:
+                pv = tl.trans(p.to(tl.float16))
+                pz = tl.sum(p * 0.0, 0)
+            a0 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a0, alpha, pz, 0, V_ROW, D, V_PER, V_BITS, V_FP8,
+                        CVT, V_NORM == 1)
+            if V_PER > 1:
+                a1 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a1, alpha, pz, 1, V_ROW, D, V_PER, V_BITS,
+                            V_FP8, CVT, V_NORM == 1)
+            if V_PER > 2:
+                a2 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a2, alpha, pz, 2, V_ROW, D, V_PER, V_BITS,
+                            V_FP8, CVT, V_NORM == 1)
+                a3 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a3, alpha, pz, 3, V_ROW, D, V_PER, V_BITS,
+                            V_FP8, CVT, V_NORM == 1)
+
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    o_off = pid_s.to(tl.int64) * ws_stride_s + (tok_idx.to(tl.int64) * HQ + qhead) * D
+    vst = v_static + h * D
+    out = tl.zeros([M, D], tl.float32)
+    out = _store_out(ws_o, o_off, rows_ok, a0, had, vi, vst, 0, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+    if V_PER > 1:
+        out = _store_out(ws_o, o_off, rows_ok, a1, had, vi, vst, 1, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+    if V_PER > 2:
+        out = _store_out(ws_o, o_off, rows_ok, a2, had, vi, vst, 2, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+        out = _store_out(ws_o, o_off, rows_ok, a3, had, vi, vst, 3, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+    if V_ROT:
+        d = tl.arange(0, D)
+        tl.store(ws_o + o_off[:, None] + d[None, :], out, mask=rows_ok[:, None])
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(ws_lse + pid_s.to(tl.int64) * (ws_stride_s // D) + tok_idx.to(tl.int64) * HQ + qhead, lse, mask=rows_ok)
+
+
+@triton.jit
+def _staged_chunk(st_k, st_v, n, qT, m_i, l_i, acc, D: tl.constexpr, G: tl.constexpr):
+    t = tl.arange(0, G)
+    d = tl.arange(0, D)
+    ok = t < n
+    k = tl.load(st_k + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    s = tl.dot(k.to(tl.float16), qT)  # [G, M]
+    s = tl.where(ok[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(st_v + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(tl.float16)), v.to(tl.float16))
+    return m_new, l_i * alpha + tl.sum(p, 0), acc
+
+
+@triton.jit
+def _staged_kernel(
+    q_ptr, stride_qt, stride_qh, ws_o, ws_lse, slot_index,
+    staging, slot_stride, first_slot, cur_slot, cur_len, qscale,
+    HQ: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    NUM_KV: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, M)
+    d = tl.arange(0, D)
+    rows_ok = r < GROUP
+    qhead = h * GROUP + r
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + qhead[:, None] * stride_qh + d[None, :],
+                mask=rows_ok[:, None], other=0.0).to(tl.float32) * qscale
+    qT = tl.trans(q.to(tl.float16))
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    fs = tl.load(first_slot + b)
+    if fs >= 0:
+        base = staging + fs.to(tl.int64) * slot_stride + h * G * D
+        m_i, l_i, acc = _staged_chunk(base, base + NUM_KV * G * D, G, qT, m_i, l_i, acc, D, G)
+    n = tl.load(cur_len + b)
+    if n > 0:
+        base = staging + tl.load(cur_slot + b).to(tl.int64) * slot_stride + h * G * D
+        m_i, l_i, acc = _staged_chunk(base, base + NUM_KV * G * D, n, qT, m_i, l_i, acc, D, G)
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    o_off = (slot_index.to(tl.int64) * tl.num_programs(0) + b) * HQ * D + qhead * D
+    tl.store(ws_o + o_off[:, None] + d[None, :], acc * inv_l[:, None], mask=rows_ok[:, None])
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(ws_lse + (slot_index.to(tl.int64) * tl.num_programs(0) + b) * HQ + qhead, lse, mask=rows_ok)
+
+
+@triton.jit
+def _combine_kernel(ws_o, ws_lse, out, lse_out, T, HQ: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+                    NPP: tl.constexpr, WRITE_LSE: tl.constexpr):
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    s = tl.arange(0, NPP)
+    d = tl.arange(0, D)
+    ok = s < NP
+    lse = tl.load(ws_lse + (s.to(tl.int64) * T + t) * HQ + hq, mask=ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(ok, tl.exp2(lse - m_safe), 0.0)
+    o = tl.load(ws_o + ((s.to(tl.int64) * T + t) * HQ + hq)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    tot = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out + (t.to(tl.int64) * HQ + hq) * D + d, res.to(out.dtype.element_ty))
+    if WRITE_LSE:
+        # natural-log lse for callers that merge with other parts
+        tl.store(lse_out + t.to(tl.int64) * HQ + hq, tl.where(tot > 0, (m_safe + tl.log2(tl.where(tot > 0, tot, 1.0))) / LOG2E_C, float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+def _flags(tf, bits: int) -> tuple[bool, bool]:
+    """(fp8, rotated) for one head's stored form."""
+    fp8 = tf.codec == "fp8" and bits != FP16_BITS
+    return fp8, tf.hadamard and bits != FP16_BITS and not fp8
+
+
+def _m_rows(rows: int) -> int:
+    return max(16, triton.next_power_of_2(rows))
+
+
+def default_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132) -> int:
+    """Splits per sequence so that ~4 programs per SM run (fixed by shapes: graph-capture safe)."""
+    want = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
+    return int(max(1, min(MAX_SPLITS, want, max_tiles)))
+
+
+def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
+                  toks, scale, splits, bt, num_warps, num_stages, cvt):
+    tables = layout.kernel_tables(q.device)
+    fmt = layout.fmt
+    _, hq, d = q.shape
+    h = layout.num_kv_heads
+    group = hq // h
+    m = _m_rows(toks * group)
+    u8 = pages
+    f16 = pages.view(torch.float16)
+    v_static = tables.v_static if tables.v_static is not None else q.new_zeros(1, dtype=torch.float32)
+    had = tables.hadamard if tables.hadamard is not None else q.new_zeros(1, dtype=torch.float32)
+    row_seq, row_tok0, row_ntok = rows if rows is not None else (q_tile, q_tile, q_tile)
+    for grp in tables.groups:
+        k_fp8, k_rot = _flags(fmt.k, grp.k_bits)
+        v_fp8, v_rot = _flags(fmt.v, grp.v_bits)
+        k_scaled = grp.k_bits != FP16_BITS and not k_fp8
+        v_scaled = grp.v_bits != FP16_BITS and not v_fp8
+        v_norm = 0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0)
+        grid = (n_rows, len(grp.heads), splits)
+        _paged_kernel[grid](
+            q, q.stride(0), q.stride(1), ws_o, ws_lse, ws_o.stride(0),
+            u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static, had,
+            block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
+            scale * LOG2E, h,
+            HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
+            ROWS_ARE_SEQS=rows is None,
+            K_BITS=grp.k_bits, K_FP8=k_fp8, K_ROT=k_rot, K_NORM=k_scaled and fmt.k.normalize == "tile",
+            V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+
+def _combine(ws_o, ws_lse, out, lse_out, num_partials):
+    _, t, hq, d = ws_o.shape
+    _combine_kernel[(t, hq)](ws_o, ws_lse, out, lse_out if lse_out is not None else ws_lse, t, HQ=hq, D=d,
+                             NP=num_partials, NPP=triton.next_power_of_2(num_partials),
+                             WRITE_LSE=lse_out is not None, num_warps=1)
+
+
+def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
+           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=1):
+    """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype)."""
+    bsz, hq, d = q.shape
+    splits = num_splits or default_splits(bsz, layout.num_kv_heads, block_table.shape[1])
+    ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
+    ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
+    _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
+                  bt or layout.tile, num_warps, num_stages, cvt)
+    group = hq // layout.num_kv_heads
+    _staged_kernel[(bsz, layout.num_kv_heads)](
+        q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,
+        cur_len, scale * LOG2E, HQ=hq, GROUP=group, M=_m_rows(group), D=d, G=layout.tile,
+        NUM_KV=layout.num_kv_heads, num_warps=4)
+    if out is None:
+        out = torch.empty_like(q)
+    _combine(ws_o, ws_lse, out, None, splits + 1)
+    return out
+
+
+def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, toks=None,
+                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=1):
+    """See ``reference.paged_attention`` (natural-log lse). Query tokens of a sequence must be contiguous.
+
+    The workspace is ``num_splits x T x Hq x D`` float32: bounded by the step, not the history.
+    """
+    t_all, hq, d = q.shape
+    group = hq // layout.num_kv_heads
+    toks = toks or max(1, 16 // group)
+    # row blocks: up to ``toks`` consecutive tokens of one sequence (host-side: prefill only)
+    seq = q_seq.tolist()
+    r_seq, r_tok0, r_n = [], [], []
+    i = 0
+    while i < t_all:
+        j = i
+        while j < t_all and j - i < toks and seq[j] == seq[i]:
+            j += 1
+        r_seq.append(seq[i]); r_tok0.append(i); r_n.append(j - i)
+        i = j
+    dev = q.device
+    rows = tuple(torch.tensor(x, dtype=torch.int32, device=dev) for x in (r_seq, r_tok0, r_n))
+    ws_o = torch.empty(num_splits, t_all, hq, d, dtype=torch.float32, device=dev)
+    ws_lse = torch.empty(num_splits, t_all, hq, dtype=torch.float32, device=dev)
+    _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile.to(torch.int32), page_start.to(torch.int32),
+                  rows, len(r_seq), toks, scale, num_splits, bt or layout.tile, num_warps, num_stages, cvt)
+    out = torch.empty(t_all, hq, d, dtype=torch.float32, device=dev)
+    lse = torch.empty(t_all, hq, dtype=torch.float32, device=dev)
+    _combine(ws_o, ws_lse, out, lse, num_splits)
+    return out, lse
