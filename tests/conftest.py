@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Triton kernels run on the CPU through the interpreter where no GPU is (set before triton imports).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two cores: more threads than cores makes every small op slower.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -13,7 +13,8 @@ import torch
 
 from kvarn.quant.formats import LayerFormat, TensorFormat, tile_bytes
 from kvarn.quant.scheme import CacheScheme, SchemeAttention
-from kvarn.runtime.paged import CacheSource, StagingTable, TileLayout, attend_layer, staging_slots
+from kvarn.ops.layout import PageLayout
+from kvarn.runtime.paged import CacheSource, StagingTable, attend_layer, staging_slots
 
 G, H, HQ = 64, 2, 4
 
@@ -29,7 +30,7 @@ def test_layout_round_trip_matches_codec(d, v_norm):
     torch.manual_seed(0)
     fmt = _format(d, kbits=(4, 16), vbits=(3, 2), v_norm=v_norm)
     k_prior, v_prior = torch.randn(H, d) * 0.3, torch.randn(H, d) * 0.3
-    lay = TileLayout(fmt, k_prior, v_prior)
+    lay = PageLayout(fmt, k_prior, v_prior)
     assert lay.nbytes == tile_bytes(fmt)
     k, v = torch.randn(H, 3, G, d), torch.randn(H, 3, G, d)
     k_hat, v_hat = lay.decode(lay.encode(k, v))

@@ -7,8 +7,8 @@ block holds one tile), D head_dim, T tokens of a step, S staging slots.
 Storage, per layer:
 
 * ``pages [num_blocks, page_bytes]`` uint8, owned by the engine. Block ``b`` holds one *completed*
-  tile, encoded by ``kvarn.quant.codec`` and laid out by ``TileLayout`` (``tile_bytes`` bytes: the
-  same number ``kvarn.quant.formats.tile_bytes`` counts, so capacity math has one source).
+  tile, laid out by ``kvarn.ops.layout.PageLayout`` (``tile_bytes`` bytes: the same number
+  ``kvarn.quant.formats.tile_bytes`` counts, so capacity math has one source).
 * ``staging [S, 2, H, G, D]`` fp16, owned by the runtime: the open (not yet full) tile of each
   running sequence and, when the recipe keeps it, each sequence's first tile in fp16.
 
@@ -33,124 +33,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import KvarnError
-from ..quant.attention import mixed_attention, quantized_read_mask
-from ..quant.codec import EncodedTiles, decode_tiles, encode_tiles
-from ..quant.formats import FP16_BITS, LayerFormat, TensorFormat, head_tile_bytes, tile_bytes
+from ..ops.decode import merge, paged_attention, partial_attention
+from ..ops.layout import PageLayout, check_storable
+from ..ops.store import store_tiles
+from ..quant.formats import tile_bytes
 
 logger = logging.getLogger(__name__)
 
 FIRST, OPEN = "first", "open"
 NULL_BLOCK = 0  # engines keep block 0 as a placeholder (vLLM's null block); never a real tile
-
-
-def check_storable(fmt: LayerFormat, where: str) -> None:
-    """Raise a one-line KvarnError unless every head of ``fmt`` has a stored form."""
-    for kind, tf in (("K", fmt.k), ("V", fmt.v)):
-        if tf.codec == "rtn-sym" and any(b != FP16_BITS for b in tf.bits):
-            raise KvarnError(f"{where}: {kind} codec 'rtn-sym' is an evaluation baseline with no stored form; "
-                             "use a kvarn recipe or preset (codec 'rtn')")
-
-
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Group:
-    """Heads of one layer that share a tensor (K or V) and a code width."""
-
-    kind: str  # "k" or "v"
-    bits: int
-    heads: torch.Tensor  # [h] long
-    index: torch.Tensor  # [h * seg] long: byte positions of these heads' segments in a record
-    fields: tuple  # ((name, nbytes), ...) in the order they are stored in a segment
-    seg: int
-
-
-class TileLayout:
-    """Byte layout of one layer's encoded tile (all KV heads, K then V, head by head).
-
-    A head's segment is ``codes | scale | zero | norm`` (the parts ``EncodedTiles`` has; fp16 and
-    fp8 heads store only codes). ``nbytes == kvarn.quant.formats.tile_bytes(fmt)``.
-    ``k_log_std``/``v_log_std``: ``[H, D]`` recipe priors or None.
-    """
-
-    def __init__(self, fmt: LayerFormat, k_log_std: torch.Tensor | None, v_log_std: torch.Tensor | None):
-        check_storable(fmt, "layer format")
-        self.fmt = fmt
-        self.tile, self.head_dim, self.num_kv_heads = fmt.tile, fmt.head_dim, fmt.num_kv_heads
-        self.priors = {"k": k_log_std, "v": v_log_std}
-        self.formats = {"k": fmt.k, "v": fmt.v}
-        offsets, off = {}, 0
-        for kind, tf in self.formats.items():
-            for h, b in enumerate(tf.bits):
-                offsets[kind, h] = off
-                off += head_tile_bytes(tf, b, self.tile, self.head_dim)
-        self.nbytes = off
-        if off != tile_bytes(fmt):  # the capacity math and the layout must agree byte for byte
-            raise AssertionError(f"layout has {off} bytes per tile, formats.tile_bytes says {tile_bytes(fmt)}")
-        groups = []
-        for kind, tf in self.formats.items():
-            for b in sorted(set(tf.bits)):
-                heads = [h for h, hb in enumerate(tf.bits) if hb == b]
-                fields = self._fields(tf, b)
-                seg = sum(n for _, n in fields)
-                index = torch.cat([torch.arange(offsets[kind, h], offsets[kind, h] + seg) for h in heads])
-                groups.append(_Group(kind, b, torch.tensor(heads), index, fields, seg))
-        self.groups = groups
-
-    def _fields(self, tf: TensorFormat, bits: int) -> tuple:
-        g, d = self.tile, self.head_dim
-        if bits == FP16_BITS:
-            return (("codes", g * d * 2),)
-        if tf.codec == "fp8":
-            return (("codes", g * d),)
-        params = d * 2 if tf.axis == "channel" else g * 2
-        out = [("codes", g * d * bits // 8), ("scale", params), ("zero", params)]
-        if tf.normalize == "tile":
-            out.append(("norm", g * 2 if tf.axis == "channel" else d * 2))
-        return tuple(out)
-
-    def _prior(self, grp: _Group, device) -> torch.Tensor | None:
-        p = self.priors[grp.kind]
-        return None if p is None else p.to(device)[grp.heads.to(device)][:, None, :]  # [h, 1, D]
-
-    def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Records ``[n, nbytes]`` uint8 of ``n`` tiles; ``k``, ``v``: ``[H, n, G, D]`` float."""
-        n = k.shape[1]
-        rec = torch.empty(n, self.nbytes, dtype=torch.uint8, device=k.device)
-        for grp in self.groups:
-            x = (k if grp.kind == "k" else v)[grp.heads.to(k.device)]
-            enc = encode_tiles(x, self.formats[grp.kind], grp.bits, self._prior(grp, k.device))
-            parts = [t for t in (enc.codes, enc.scale, enc.zero, enc.norm) if t is not None]
-            raw = torch.cat([t.contiguous().view(torch.uint8).reshape(len(grp.heads), n, -1) for t in parts], -1)
-            rec[:, grp.index.to(k.device)] = raw.transpose(0, 1).reshape(n, -1)
-        return rec
-
-    def decode(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k, v)`` float32 ``[H, n, G, D]`` from records ``[n, >= nbytes]`` uint8."""
-        n, g, d = rec.shape[0], self.tile, self.head_dim
-        out = {kind: torch.empty(self.num_kv_heads, n, g, d, dtype=torch.float32, device=rec.device) for kind in "kv"}
-        for grp in self.groups:
-            h = len(grp.heads)
-            raw = rec[:, grp.index.to(rec.device)].reshape(n, h, grp.seg).transpose(0, 1)
-            parts, at = {}, 0
-            for name, nb in grp.fields:
-                parts[name] = raw[..., at:at + nb].contiguous()
-                at += nb
-            tf = self.formats[grp.kind]
-            if grp.bits == FP16_BITS or tf.codec == "fp8":
-                dtype = torch.float16 if grp.bits == FP16_BITS else torch.float8_e4m3fn
-                enc = EncodedTiles(grp.bits, parts["codes"].view(dtype).reshape(h, n, g, d))
-            else:
-                channel = tf.axis == "channel"
-                pshape = (h, n, 1, d) if channel else (h, n, g, 1)
-                nshape = (h, n, g, 1) if channel else (h, n, 1, d)
-                enc = EncodedTiles(
-                    grp.bits, parts["codes"].reshape(h, n, g, d * grp.bits // 8),
-                    parts["scale"].view(torch.float16).reshape(pshape), parts["zero"].view(torch.float16).reshape(pshape),
-                    parts["norm"].view(torch.float16).reshape(nshape) if "norm" in parts else None,
-                )
-            out[grp.kind][grp.heads.to(rec.device)] = decode_tiles(enc, tf, d, self._prior(grp, rec.device))
-        return out["k"], out["v"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +71,9 @@ class CacheSource:
     def num_layers(self) -> int:
         return len(self.formats)
 
-    def layout(self, layer: int) -> TileLayout:
+    def layout(self, layer: int) -> PageLayout:
         pick = lambda t: None if t is None else t[layer]  # noqa: E731
-        return TileLayout(self.formats[layer], pick(self.k_log_std), pick(self.v_log_std))
+        return PageLayout(self.formats[layer], pick(self.k_log_std), pick(self.v_log_std))
 
     def tile_bytes(self) -> list[int]:
         """Bytes of one encoded tile per layer (the page size of a block of ``tile`` tokens)."""
@@ -339,13 +230,8 @@ class StagingTable:
 
 
 # ---------------------------------------------------------------------------------------------
-def _causal_bias(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(len(q_pos), len(k_pos), device=q_pos.device).masked_fill(
-        k_pos[None, :] > q_pos[:, None], float("-inf"))
-
-
 def attend_layer(
-    layout: TileLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
+    layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     out: torch.Tensor,
 ) -> None:
@@ -353,66 +239,82 @@ def attend_layer(
 
     pages ``[num_blocks, >= layout.nbytes]`` uint8; staging ``[S, 2, H, G, D]`` fp16;
     q ``[T, Hq, D]``, k/v ``[T, H, D]`` (model dtype), out ``[T, Hq, D]``.
+
+    Three ops: ``store_tiles`` encodes every tile completed in this step (all sequences, one call);
+    ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
+    (tiles completed in this step included, so queries of a later tile read them quantized); the
+    fp16 part (first tile, the query's own tile) is attended here and merged by log-sum-exp.
     """
-    g, nb = layout.tile, layout.nbytes
+    g = layout.tile
     dev = q.device
-    for st in steps:
+    new_k, new_v, new_ids = [], [], []
+    spans = []
+    for st in steps:  # assemble each sequence's fp16 span; collect the tiles this step completes
         rows = slice(st.q_start, st.q_end)
-        qr = q[rows].transpose(0, 1)[None].float()  # [1, Hq, Tq, D]
+        span_k, span_v = k[rows].transpose(0, 1).half(), v[rows].transpose(0, 1).half()  # [H, q, D]
         if st.dummy:
-            kr, vr = k[rows].transpose(0, 1)[None].float(), v[rows].transpose(0, 1)[None].float()
-            pos = torch.arange(st.q_end - st.q_start, device=dev)
-            o = mixed_attention(qr, kr, vr, None, None, None, _causal_bias(pos, pos), scale)
-            out[rows] = o[0].transpose(0, 1).to(out.dtype)
+            spans.append((span_k, span_v))
             continue
         t_c, t_done = st.ctx // g, st.seq // g
         n_old = st.ctx - t_c * g
-        span_k, span_v = k[rows].transpose(0, 1).float(), v[rows].transpose(0, 1).float()  # [H, q, D]
         if n_old:
-            span_k = torch.cat([staging[st.old_slot, 0, :, :n_old].float(), span_k], 1)
-            span_v = torch.cat([staging[st.old_slot, 1, :, :n_old].float(), span_v], 1)
-        span_k16, span_v16 = span_k.half(), span_v.half()
-        n_new_tiles = t_done - t_c
-        h, d = span_k.shape[0], span_k.shape[2]
-        if n_new_tiles:
-            kt = span_k[:, : n_new_tiles * g].reshape(h, n_new_tiles, g, d)
-            vt = span_v[:, : n_new_tiles * g].reshape(h, n_new_tiles, g, d)
-            rec = layout.encode(kt, vt)
-            ids = torch.tensor(st.blocks[t_c:t_done], device=dev)
-            pages[ids, :nb] = rec
-            k_new_hat, v_new_hat = layout.decode(rec)
+            span_k = torch.cat([staging[st.old_slot, 0, :, :n_old], span_k], 1)
+            span_v = torch.cat([staging[st.old_slot, 1, :, :n_old], span_v], 1)
+        spans.append((span_k, span_v))
+        if t_done > t_c:
+            h, d = span_k.shape[0], span_k.shape[2]
+            new_k.append(span_k[:, : (t_done - t_c) * g].reshape(h, -1, g, d).transpose(0, 1))
+            new_v.append(span_v[:, : (t_done - t_c) * g].reshape(h, -1, g, d).transpose(0, 1))
+            new_ids.extend(st.blocks[t_c:t_done])
         if st.first_write:
-            staging[st.first_slot, 0] = span_k16[:, :g]
-            staging[st.first_slot, 1] = span_v16[:, :g]
+            staging[st.first_slot, 0] = span_k[:, :g]
+            staging[st.first_slot, 1] = span_v[:, :g]
         if st.new_slot is not None:
             tail = st.seq - t_done * g
-            staging[st.new_slot, 0, :, :tail] = span_k16[:, -tail:]
-            staging[st.new_slot, 1, :, :tail] = span_v16[:, -tail:]
-        # what the queries read: [0, t_c*G) from pages (+ fp16 first tile), the span from this step
-        k16, v16 = [span_k16.float()], [span_v16.float()]
-        k_hat, v_hat = [], []
+            staging[st.new_slot, 0, :, :tail] = span_k[:, -tail:]
+            staging[st.new_slot, 1, :, :tail] = span_v[:, -tail:]
+    if new_ids:
+        store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), torch.tensor(new_ids, device=dev))
+
+    # the quantized part: every query row over its sequence's pages
+    live = [(i, st) for i, st in enumerate(steps) if not st.dummy and st.q_end > st.q_start]
+    if live:
+        width = max(-(-st.seq // g) for _, st in live)
+        table = torch.zeros(len(live), width, dtype=torch.int32)
+        q_seq, q_tile, page_start = [], [], []
+        for j, (_, st) in enumerate(live):
+            n_blocks = -(-st.seq // g)
+            table[j, :n_blocks] = torch.tensor(st.blocks[:n_blocks], dtype=torch.int32)
+            q_seq.extend([j] * (st.q_end - st.q_start))
+            q_tile.extend(p // g for p in range(st.ctx, st.seq))
+            first_fp16 = keep_first_tile and (st.ctx // g == 0 or st.first_slot is not None)
+            page_start.append(1 if first_fp16 else 0)
+        rows = torch.cat([torch.arange(st.q_start, st.q_end) for _, st in live]).to(dev)
+        o_q, lse_q = paged_attention(layout, pages, q[rows], torch.tensor(q_seq, device=dev),
+                                     torch.tensor(q_tile, dtype=torch.int32, device=dev),
+                                     torch.tensor(page_start, dtype=torch.int32, device=dev), table.to(dev), scale)
+    at = 0
+    for i, st in enumerate(steps):  # the fp16 part, merged with the quantized part
+        rows = slice(st.q_start, st.q_end)
+        n_q = st.q_end - st.q_start
+        span_k, span_v = spans[i]
+        if st.dummy:
+            pos = torch.arange(n_q, device=dev)
+            o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None])
+            out[rows] = o.to(out.dtype)
+            continue
+        t_c = st.ctx // g
         first_fp16 = keep_first_tile and (t_c == 0 or st.first_slot is not None)
-        if t_c:
-            ids = torch.tensor(st.blocks[:t_c], device=dev)
-            ko, vo = layout.decode(pages[ids])
-            ko, vo = ko.reshape(h, t_c * g, d), vo.reshape(h, t_c * g, d)
-            k_hat.append(ko)
-            v_hat.append(vo)
-            if keep_first_tile and st.first_slot is not None:
-                ko = torch.cat([staging[st.first_slot, 0].float(), ko[:, g:]], 1)
-                vo = torch.cat([staging[st.first_slot, 1].float(), vo[:, g:]], 1)
-            k16.insert(0, ko)
-            v16.insert(0, vo)
-        if n_new_tiles:
-            k_hat.append(k_new_hat.reshape(h, n_new_tiles * g, d))
-            v_hat.append(v_new_hat.reshape(h, n_new_tiles * g, d))
-        tail = st.seq - t_done * g
-        if tail:
-            k_hat.append(span_k16[:, -tail:].float())
-            v_hat.append(span_v16[:, -tail:].float())
+        k_pos = torch.arange(t_c * g, st.seq, device=dev)
+        keys, vals = span_k, span_v
+        if first_fp16 and t_c >= 1:
+            keys = torch.cat([staging[st.first_slot, 0], keys], 1)
+            vals = torch.cat([staging[st.first_slot, 1], vals], 1)
+            k_pos = torch.cat([torch.arange(g, device=dev), k_pos])
         q_pos = torch.arange(st.ctx, st.seq, device=dev)
-        k_pos = torch.arange(st.seq, device=dev)
-        mask = quantized_read_mask(q_pos, k_pos, g, first_fp16)
-        o = mixed_attention(qr, torch.cat(k16, 1)[None], torch.cat(v16, 1)[None], torch.cat(k_hat, 1)[None],
-                            torch.cat(v_hat, 1)[None], mask, _causal_bias(q_pos, k_pos), scale)
-        out[rows] = o[0].transpose(0, 1).to(out.dtype)
+        own = (k_pos[None, :] // g == q_pos[:, None] // g) & (k_pos[None, :] <= q_pos[:, None])
+        first = (k_pos[None, :] < g) & (q_pos[:, None] >= g) if first_fp16 else torch.zeros_like(own)
+        o16, lse16 = partial_attention(q[rows], keys, vals, scale, own | first)
+        o, _ = merge(o_q[at:at + n_q], lse_q[at:at + n_q], o16, lse16)
+        at += n_q
+        out[rows] = o.to(out.dtype)

@@ -23,7 +23,7 @@ from ..layout import PageLayout
 NEG_INF = float("-inf")
 
 
-def _attend(q, k, v, scale, valid=None):
+def partial_attention(q, k, v, scale, valid=None):
     """q ``[M, Hq, D]``, k/v ``[H, N, D]`` (GQA), valid bool ``[M, N]`` or None → (o, lse)."""
     hq, h = q.shape[1], k.shape[0]
     kk = k.repeat_interleave(hq // h, 0)  # [Hq, N, D]
@@ -72,7 +72,7 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
         qb = q[rows].float()
         qb = torch.where(rows_k[None, :, None], qb @ had, qb)
         tile_of = torch.arange(start, end, device=q.device).repeat_interleave(g)
-        ob, lb = _attend(qb, kh, vh, scale, tile_of[None, :] < lim[:, None])
+        ob, lb = partial_attention(qb, kh, vh, scale, tile_of[None, :] < lim[:, None])
         o[rows] = torch.where(rows_v[None, :, None], ob @ had, ob)
         lse[rows] = lb
     return o, lse
@@ -95,7 +95,7 @@ def staged_attention(staging, q, first_slot, cur_slot, cur_len, scale):
             vs.append(staging[int(cur_slot[b]), 1, :, :n])
         if not ks:
             continue
-        ob, lb = _attend(q[b:b + 1], torch.cat(ks, 1), torch.cat(vs, 1), scale)
+        ob, lb = partial_attention(q[b:b + 1], torch.cat(ks, 1), torch.cat(vs, 1), scale)
         o[b], lse[b] = ob[0], lb[0]
     return o, lse
 

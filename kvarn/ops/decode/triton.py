@@ -395,12 +395,20 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=1):
-    """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype)."""
+           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=1, workspace=None):
+    """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
+
+    ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
+    first dim fixes the split count), else allocated: bounded by the batch, not the history.
+    """
     bsz, hq, d = q.shape
-    splits = num_splits or default_splits(bsz, layout.num_kv_heads, block_table.shape[1])
-    ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
-    ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
+    if workspace is not None:
+        ws_o, ws_lse = workspace
+        splits = ws_o.shape[0] - 1
+    else:
+        splits = num_splits or default_splits(bsz, layout.num_kv_heads, block_table.shape[1])
+        ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
                   bt or layout.tile, num_warps, num_stages, cvt)
     group = hq // layout.num_kv_heads
@@ -415,7 +423,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
 
 
 def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, toks=None,
-                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=1):
+                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=1, poison=False):
     """See ``reference.paged_attention`` (natural-log lse). Query tokens of a sequence must be contiguous.
 
     The workspace is ``num_splits x T x Hq x D`` float32: bounded by the step, not the history.
@@ -437,9 +445,12 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
     rows = tuple(torch.tensor(x, dtype=torch.int32, device=dev) for x in (r_seq, r_tok0, r_n))
     ws_o = torch.empty(num_splits, t_all, hq, d, dtype=torch.float32, device=dev)
     ws_lse = torch.empty(num_splits, t_all, hq, dtype=torch.float32, device=dev)
+    if poison:  # tests: an element no program writes shows up as NaN
+        ws_o.fill_(float("nan"))
+        ws_lse.fill_(float("nan"))
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile.to(torch.int32), page_start.to(torch.int32),
                   rows, len(r_seq), toks, scale, num_splits, bt or layout.tile, num_warps, num_stages, cvt)
-    out = torch.empty(t_all, hq, d, dtype=torch.float32, device=dev)
-    lse = torch.empty(t_all, hq, dtype=torch.float32, device=dev)
+    out = torch.full((t_all, hq, d), float("nan"), dtype=torch.float32, device=dev)
+    lse = torch.full((t_all, hq), float("nan"), dtype=torch.float32, device=dev)
     _combine(ws_o, ws_lse, out, lse, num_splits)
     return out, lse
