@@ -106,6 +106,10 @@ class PageLayout:
                     raise AssertionError(f"{kind} head {h}: segment fields disagree with formats.head_tile_bytes")
                 self.fields[kind, h] = seg
         self.nbytes = off
+        for (kind, h), seg in self.fields.items():  # kernels rely on it for 16-byte loads
+            for name, (o, _) in seg.items():
+                if o % 16:
+                    raise AssertionError(f"{kind} head {h} field {name} starts at byte {o}, not a multiple of 16")
         if off != tile_bytes(fmt):  # the capacity math and the layout must agree byte for byte
             raise AssertionError(f"layout has {off} bytes per tile, formats.tile_bytes says {tile_bytes(fmt)}")
 

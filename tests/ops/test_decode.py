@@ -22,7 +22,7 @@ from kvarn.ops.layout import PageLayout  # noqa: E402
 from kvarn.ops.store.reference import store_tiles  # noqa: E402
 from kvarn.quant.formats import LayerFormat, TensorFormat  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # cpu: the interpreter (tests/conftest.py)
 TOL = 3e-3
 
 
@@ -74,6 +74,10 @@ CASES = [  # d, tile, group, kbits, vbits, knorm, vnorm, codec
 ]
 
 
+# code→fp16 conversions: 0 plain, 1 exponent trick (plain Triton), 2 inline PTX (compiled GPU only)
+CVTS = (0, 1, 2) if torch.cuda.is_available() else (1,)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}-g{c[1]}-gqa{c[2]}-k{c[3]}-v{c[4]}-{c[5]}-{c[6]}-{c[7]}")
 def test_decode_matches_reference(case, device):
@@ -94,13 +98,13 @@ def test_decode_matches_reference(case, device):
     cur_len = torch.tensor([7, 1, g - 1, g], dtype=torch.int32, device=device)
     scale = d ** -0.5
     want = ref.decode(lay, pages, staging, q, table, page_start, q_tile, first, cur, cur_len, scale)
-    for splits in (1, 3):
+    for splits, cvt in [(1, CVTS[0]), (3, CVTS[-1])] + [(2, c) for c in CVTS[1:-1]]:
         ws = (torch.full((splits + 1, b, h * group, d), float("nan"), device=device),
               torch.full((splits + 1, b, h * group), float("nan"), device=device))
         out = torch.full_like(q, float("nan"))
         tri.decode(lay, pages, staging, q, table, page_start, q_tile, first, cur, cur_len, scale, out=out,
-                   workspace=ws, bt=min(g, 32 if device == "cpu" else g))
-        _rel(out, want, f"decode out (splits={splits})")
+                   workspace=ws, bt=min(g, 32 if device == "cpu" else g), cvt=cvt)
+        _rel(out, want, f"decode out (splits={splits}, cvt={cvt})")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -131,12 +135,12 @@ def test_rows_without_tiles_read_nothing():
     """A query in the first tile reads no page: out 0 and lse -inf, never NaN."""
     lay = _layout(64, 64, (4,), (2,), "tile", "tile")
     gen = torch.Generator().manual_seed(3)
-    pages, table = _pages(lay, [1], "cpu", gen)
-    q = torch.randn(2, 4, 64, generator=gen)
-    o, lse = tri.paged_attention(lay, pages, q, torch.tensor([0, 0]), torch.tensor([0, 1], dtype=torch.int32),
-                                 torch.tensor([0], dtype=torch.int32), table, 0.125, bt=32, poison=True)
+    dev = DEVICES[0]
+    pages, table = _pages(lay, [1], dev, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(dev)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    o, lse = tri.paged_attention(lay, pages, q, i32([0, 0]), i32([0, 1]), i32([0]), table, 0.125, bt=32, poison=True)
     assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isinf(lse[0]).all() and (lse[0] < 0).all(), \
         "row with no tiles: expected out 0 and lse -inf"
-    want_o, _ = ref.paged_attention(lay, pages, q, torch.tensor([0, 0]), torch.tensor([0, 1], dtype=torch.int32),
-                                    torch.tensor([0], dtype=torch.int32), table, 0.125)
+    want_o, _ = ref.paged_attention(lay, pages, q, i32([0, 0]), i32([0, 1]), i32([0]), table, 0.125)
     _rel(o[1], want_o[1], "row with one tile")

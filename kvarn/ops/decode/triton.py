@@ -24,6 +24,7 @@ into the query scale).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -40,12 +41,72 @@ MAX_SPLITS = 32
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _to_f16(c, CVT: tl.constexpr):
-    """Small unsigned integer codes → fp16. CVT 1: OR into the mantissa of 1024.0 (0x6400) and
-    subtract 1024 in fp16 (exact), avoiding int→float conversions; CVT 0: a plain conversion."""
-    if CVT == 1:
+    """Small unsigned integer codes → fp16. CVT 1 (and 2 where PTX does not apply): OR into the
+    mantissa of 1024.0 (0x6400) and subtract 1024 in fp16 (exact); CVT 0: a plain conversion."""
+    if CVT >= 1:
         return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     else:
         return c.to(tl.float16)
+
+
+def _ptx_field_asm(bits: int, j: int) -> str:
+    """PTX turning 4 packed bytes into 4 fp16 codes (field ``j`` of width ``bits``), 1.5 instr per code.
+
+    ``prmt`` moves bytes 0,1 (2,3) into the low bytes of two 16-bit lanes; ``lop3`` keeps the
+    field, still shifted by ``j * bits``, and ORs in the exponent of 1024.0 (0x6400): each lane is
+    then the fp16 value ``1024 + code * 2**(j*bits)``, exactly; one ``fma.rn.f16x2`` by
+    ``2**-(j*bits)`` minus 1024 * that gives the code (all values are integers below 2048: exact).
+    """
+    shift = j * bits
+    mask = (((1 << bits) - 1) << shift) * 0x00010001
+    if bits == 8:
+        mask = 0x00FF00FF
+    scale = torch.tensor(2.0 ** -shift, dtype=torch.float16).view(torch.int16).item() & 0xFFFF
+    bias = torch.tensor(-1024.0 * 2.0 ** -shift, dtype=torch.float16).view(torch.int16).item() & 0xFFFF
+    return (
+        "{\n.reg .b32 t0, t1, s, c, z, m, e;\n"
+        "mov.b32 z, 0;\n"
+        f"mov.b32 m, {mask:#010x};\n"
+        "mov.b32 e, 0x64006400;\n"
+        "prmt.b32 t0, $2, z, 0x4140;\n"
+        "prmt.b32 t1, $2, z, 0x4342;\n"
+        "lop3.b32 t0, t0, m, e, 0xEA;\n"
+        "lop3.b32 t1, t1, m, e, 0xEA;\n"
+        f"mov.b32 s, {scale * 0x10001:#010x};\n"
+        f"mov.b32 c, {bias * 0x10001:#010x};\n"
+        "fma.rn.f16x2 $0, t0, s, c;\n"
+        "fma.rn.f16x2 $1, t1, s, c;\n}"
+    )
+
+
+PTX_2_0, PTX_2_1, PTX_2_2, PTX_2_3 = (tl.constexpr(_ptx_field_asm(2, j)) for j in range(4))
+PTX_4_0, PTX_4_1 = (tl.constexpr(_ptx_field_asm(4, j)) for j in range(2))
+PTX_8_0 = tl.constexpr(_ptx_field_asm(8, 0))
+
+
+@triton.jit
+def _ptx(raw, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _ptx_field(raw, BITS: tl.constexpr, J: tl.constexpr):
+    if BITS == 8:
+        return _ptx(raw, PTX_8_0)
+    elif BITS == 4:
+        if J == 0:
+            return _ptx(raw, PTX_4_0)
+        else:
+            return _ptx(raw, PTX_4_1)
+    else:
+        if J == 0:
+            return _ptx(raw, PTX_2_0)
+        elif J == 1:
+            return _ptx(raw, PTX_2_1)
+        elif J == 2:
+            return _ptx(raw, PTX_2_2)
+        else:
+            return _ptx(raw, PTX_2_3)
 
 
 @triton.jit
@@ -62,6 +123,9 @@ def _codes(u8, f16, base, t, i, J: tl.constexpr, ROW: tl.constexpr, D: tl.conste
         hi = tl.load(u8 + (base + t[:, None] * ROW + D // 4 + (i // 2)[None, :])).to(tl.int32)
         c = ((lo >> (2 * J)) & 3) | (((hi >> (4 * (i % 2)[None, :] + J)) & 1) << 2)
         return _to_f16(c, CVT)
+    elif CVT == 2:  # inline PTX (compiled GPUs only; the interpreter runs CVT 0/1)
+        raw = tl.load(u8 + (base + t[:, None] * ROW + i[None, :]))
+        return _ptx_field(raw, BITS, J)
     else:
         raw = tl.load(u8 + (base + t[:, None] * ROW + i[None, :])).to(tl.int32)
         c = (raw >> (J * BITS)) & ((1 << BITS) - 1)
@@ -135,7 +199,7 @@ def _paged_kernel(
     row_seq, row_tok0, row_ntok,
     qscale, num_kv_heads,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOKS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    G: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr, ROWS_ARE_SEQS: tl.constexpr,
+    G: tl.constexpr, BT: tl.constexpr, SPLITS, ROWS_ARE_SEQS: tl.constexpr,
     K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_ROT: tl.constexpr, K_NORM: tl.constexpr,
     V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_ROT: tl.constexpr, V_NORM: tl.constexpr,
     CVT: tl.constexpr,
@@ -185,11 +249,12 @@ def _paged_kernel(
         q3 = _q_field(q_ptr, q_off, rows_ok, had, ki, 3, K_PER, D, K_ROT, qscale)
     k_off = tl.load(offsets + h * 4 + tl.arange(0, 4))
     v_off = tl.load(offsets + (num_kv_heads + h) * 4 + tl.arange(0, 4))
-    kc = tl.sum(tl.where(tl.arange(0, 4) == 0, k_off, 0), 0).to(tl.int64)
+    # every field offset is a multiple of 16 bytes (PageLayout checks): lets loads be vectorized
+    kc = tl.multiple_of(tl.sum(tl.where(tl.arange(0, 4) == 0, k_off, 0), 0).to(tl.int64), 16)
     ksc = tl.sum(tl.where(tl.arange(0, 4) == 1, k_off, 0), 0).to(tl.int64)
     kz = tl.sum(tl.where(tl.arange(0, 4) == 2, k_off, 0), 0).to(tl.int64)
     kn = tl.sum(tl.where(tl.arange(0, 4) == 3, k_off, 0), 0).to(tl.int64)
-    vc = tl.sum(tl.where(tl.arange(0, 4) == 0, v_off, 0), 0).to(tl.int64)
+    vc = tl.multiple_of(tl.sum(tl.where(tl.arange(0, 4) == 0, v_off, 0), 0).to(tl.int64), 16)
     vsc = tl.sum(tl.where(tl.arange(0, 4) == 1, v_off, 0), 0).to(tl.int64)
     vz = tl.sum(tl.where(tl.arange(0, 4) == 2, v_off, 0), 0).to(tl.int64)
     vn = tl.sum(tl.where(tl.arange(0, 4) == 3, v_off, 0), 0).to(tl.int64)
@@ -354,8 +419,14 @@ def default_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int =
     return int(max(1, min(MAX_SPLITS, want, max_tiles)))
 
 
+def default_cvt(t: torch.Tensor) -> int:
+    """Code→fp16 conversion: inline PTX on compiled CUDA, the plain-Triton exponent trick otherwise."""
+    return 2 if t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" else 1
+
+
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
                   toks, scale, splits, bt, num_warps, num_stages, cvt):
+    cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     fmt = layout.fmt
     _, hq, d = q.shape
@@ -395,7 +466,7 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=1, workspace=None):
+           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=None, workspace=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -423,7 +494,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
 
 
 def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, toks=None,
-                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=1, poison=False):
+                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=None, poison=False):
     """See ``reference.paged_attention`` (natural-log lse). Query tokens of a sequence must be contiguous.
 
     The workspace is ``num_splits x T x Hq x D`` float32: bounded by the step, not the history.

@@ -1,0 +1,246 @@
+"""Kernel benchmark on a CUDA GPU: kvarn's Triton decode (and store) against bf16 FlashAttention decode.
+
+Shape: Llama-3.1-8B attention (8 KV heads, 32 query heads, head_dim 128), tile 128, one layer.
+Rows: decode for B in {8, 64, 160, 256} x ctx in {4k, 8k, 32k} for the uniform K4V2 preset
+("k4v2": Hadamard + per-tile normalization, the seed's format) and a recipe-like mix of widths
+("mix": K 2/3/4 bits per head with no normalization, V 2/3/4 bits with the static calibrated
+scale, ~3.4 bits/element, like a calibrated recipe); the bf16 baseline is torch SDPA (flash) over a
+contiguous cache, the 4 query heads of a group as 4 query rows (GQA without copying K/V), measured
+in the same run; plus the device-to-device copy bandwidth, and the store kernel (µs per tile and as
+a share of a decode step). Page contents are random codes with valid fp16 scales (speed does not
+depend on the values; correctness is the tests' job: tests/ops).
+
+    python bench/kernels_gpu.py [--out DIR] [--quick] [--sweep-only]
+
+Prints a table last and writes ``DIR/kernels_h200.json``: rows ``{"op", "B", "ctx", "format", "ms",
+"x_bf16", "packed_GBps", ...}``. Timing: ``triton.testing.do_bench`` medians (CUDA events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvarn.ops.layout import PageLayout  # noqa: E402
+from kvarn.quant.formats import LayerFormat, TensorFormat, bits_per_element  # noqa: E402
+
+H, HQ, D, G = 8, 32, 128, 128
+FORMATS = {
+    "k4v2": LayerFormat(D, G, TensorFormat((4,) * H, "channel", "tile"), TensorFormat((2,) * H, "token", "tile")),
+    "mix": LayerFormat(D, G, TensorFormat((4, 3, 4, 4, 3, 2, 4, 3), "channel", "none", clip=True),
+                       TensorFormat((3, 2, 3, 3, 2, 4, 4, 2), "token", "static", clip=True)),
+}
+
+
+def bench(fn, warmup=25, rep=120):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / ms / 1e6  # GB/s, read + write
+
+
+def random_pages(lay: PageLayout, nblocks: int, gen_seed=0):
+    """uint8 pages with random codes and sane fp16 scale/zero/norm fields."""
+    torch.manual_seed(gen_seed)
+    pages = torch.randint(0, 256, (nblocks, lay.nbytes), dtype=torch.uint8, device="cuda")
+    for (kind, h), seg in lay.fields.items():
+        for name, (o, nb) in seg.items():
+            if name == "codes":
+                continue
+            f = pages[:, o:o + nb].view(torch.float16)
+            if name == "scale":
+                f.uniform_(0.01, 0.1)
+            elif name == "zero":
+                f.normal_(0, 0.5)
+            else:
+                f.uniform_(0.8, 1.25)
+    return pages
+
+
+def decode_inputs(lay, bsz, ctx, seed=0):
+    """Pages of ``ctx`` tokens per sequence: first tile fp16 (staging), tiles 1..n-1 packed, 1 open token."""
+    n_tiles = ctx // G  # the query sits in tile n_tiles (its open tile holds it alone)
+    nblocks = bsz * n_tiles + 1
+    pages = random_pages(lay, nblocks, seed)
+    perm = (torch.randperm(nblocks - 1, device="cuda") + 1).to(torch.int32)
+    table = perm.reshape(bsz, n_tiles).contiguous()
+    staging = torch.randn(2 * bsz + 2, 2, H, G, D, dtype=torch.float16, device="cuda")
+    i32 = lambda x: torch.as_tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    meta = dict(block_table=table, page_start=i32([1] * bsz), q_tile=i32([n_tiles] * bsz),
+                first_slot=i32(list(range(bsz))), cur_slot=i32(list(range(bsz, 2 * bsz))), cur_len=i32([1] * bsz))
+    bytes_read = bsz * ((n_tiles - 1) * lay.nbytes + (G + 1) * H * D * 2 * 2)
+    return pages, staging, meta, bytes_read
+
+
+def bf16_decode(bsz, ctx):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(bsz, H, HQ // H, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(bsz, H, ctx + 1, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
+
+    ms = bench(run)
+    nbytes = 2 * k.numel() * 2
+    del q, k, v
+    return ms, nbytes
+
+
+def kvarn_decode_fn(lay, pages, staging, meta, bsz, **cfg):
+    from kvarn.ops.decode import triton as tri
+
+    q = torch.randn(bsz, HQ, D, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    splits = cfg.pop("splits", None) or tri.default_splits(bsz, H, meta["block_table"].shape[1])
+    ws = (torch.empty(splits + 1, bsz, HQ, D, device="cuda"), torch.empty(splits + 1, bsz, HQ, device="cuda"))
+    m = meta
+    return lambda: tri.decode(lay, pages, staging, q, m["block_table"], m["page_start"], m["q_tile"],
+                              m["first_slot"], m["cur_slot"], m["cur_len"], D ** -0.5, out=out, workspace=ws, **cfg)
+
+
+def store_time(lay, n_tiles):
+    from kvarn.ops.store import triton as store_tri
+
+    pages = torch.zeros(n_tiles + 1, lay.nbytes, dtype=torch.uint8, device="cuda")
+    k = torch.randn(n_tiles, H, G, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    ids = torch.arange(1, n_tiles + 1, dtype=torch.int32, device="cuda")
+    return bench(lambda: store_tri.store_tiles(lay, pages, k, v, ids))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--quick", action="store_true", help="B in {8, 64}, ctx in {8k, 32k} only")
+    ap.add_argument("--sweep-only", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_properties(0)
+    print(f"device {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    rows = []
+    t0 = time.time()
+    gbps = copy_bandwidth()
+    rows.append({"op": "copy", "GBps": round(gbps, 1)})
+    print(f"copy bandwidth {gbps:.0f} GB/s (read + write)", flush=True)
+
+    # -- variant sweep: pick the kernel configuration per batch regime ----------------------------
+    variants = []
+    for cvt in (0, 1, 2):
+        for bt, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3)):
+            variants.append(dict(cvt=cvt, bt=bt, num_warps=warps, num_stages=stages))
+    best = {}
+    lay = PageLayout(FORMATS["k4v2"], None, None)
+    for bsz, ctx in ((64, 8192), (8, 32768), (256, 4096)):
+        pages, staging, meta, nbytes = decode_inputs(lay, bsz, ctx)
+        base_ms, _ = bf16_decode(bsz, ctx)
+        auto = None
+        results = []
+        for var in variants:
+            from kvarn.ops.decode import triton as tri
+
+            auto = tri.default_splits(bsz, H, meta["block_table"].shape[1])
+            for splits in sorted({1, auto, min(tri.MAX_SPLITS, 2 * auto), min(tri.MAX_SPLITS, 4 * auto)}):
+                cfg = dict(var, splits=splits)
+                try:
+                    ms = bench(kvarn_decode_fn(lay, pages, staging, meta, bsz, **dict(cfg)))
+                except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                    print(f"  variant {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                results.append((ms, cfg))
+                rows.append({"op": "decode_variant", "B": bsz, "ctx": ctx, "format": "k4v2", "ms": round(ms, 4),
+                             "x_bf16": round(base_ms / ms, 3), "packed_GBps": round(nbytes / ms / 1e6, 1), **cfg})
+        results.sort(key=lambda r: r[0])
+        best[bsz] = results[0][1]
+        print(f"B={bsz} ctx={ctx}: bf16 {base_ms:.3f} ms; best {results[0][0]:.3f} ms {results[0][1]}; "
+              f"worst {results[-1][0]:.3f} ms", flush=True)
+        for ms, cfg in results[:5]:
+            print(f"    {ms:.3f} ms  x{base_ms / ms:.2f}  {cfg}", flush=True)
+        del pages, staging, meta
+        torch.cuda.empty_cache()
+    print(f"sweep done in {time.time() - t0:.0f} s", flush=True)
+
+    def cfg_for(bsz):
+        c = dict(best[8] if bsz <= 16 else best[64] if bsz <= 96 else best[256])
+        c.pop("splits", None)  # the split count follows the shape (default_splits) beyond the swept points
+        return c
+
+    grid_b = (8, 64) if args.quick else (8, 64, 160, 256)
+    grid_ctx = (8192, 32768) if args.quick else (4096, 8192, 32768)
+    if not args.sweep_only:
+        for ctx in grid_ctx:
+            for bsz in grid_b:
+                base_ms, base_bytes = bf16_decode(bsz, ctx)
+                rows.append({"op": "decode", "B": bsz, "ctx": ctx, "format": "bf16", "ms": round(base_ms, 4),
+                             "x_bf16": 1.0, "packed_GBps": round(base_bytes / base_ms / 1e6, 1)})
+                for name, fmt in FORMATS.items():
+                    prior = torch.randn(H, D) * 0.3
+                    lay = PageLayout(fmt, prior, prior)
+                    pages, staging, meta, nbytes = decode_inputs(lay, bsz, ctx)
+                    cfg = cfg_for(bsz)
+                    from kvarn.ops.decode import triton as tri
+
+                    splits = tri.default_splits(bsz, H, meta["block_table"].shape[1])
+                    if bsz in best and name == "k4v2" and best[bsz].get("splits"):
+                        splits = best[bsz]["splits"]
+                    try:
+                        ms = bench(kvarn_decode_fn(lay, pages, staging, meta, bsz, splits=splits, **cfg))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {name} B={bsz} ctx={ctx} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    rows.append({"op": "decode", "B": bsz, "ctx": ctx, "format": name, "ms": round(ms, 4),
+                                 "x_bf16": round(base_ms / ms, 3), "packed_GBps": round(nbytes / ms / 1e6, 1),
+                                 "bits_per_element": round(bits_per_element([fmt]), 3),
+                                 "config": dict(cfg, splits=splits)})
+                    del pages, staging, meta
+                    torch.cuda.empty_cache()
+                print(f"ctx={ctx} B={bsz}: " + "  ".join(f"{r['format']} {r['ms']:.3f} ms x{r['x_bf16']:.2f}"
+                                                         for r in rows if r["op"] == "decode" and r["B"] == bsz
+                                                         and r["ctx"] == ctx), flush=True)
+        # store: the worst decode step completes one tile per sequence (B tiles in one launch)
+        for name, fmt in FORMATS.items():
+            prior = torch.randn(H, D) * 0.3
+            lay = PageLayout(fmt, prior, prior)
+            for n in (1, 64, 256):
+                try:
+                    ms = store_time(lay, n)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  store {name} n={n} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    break
+                dec = [r for r in rows if r["op"] == "decode" and r["format"] == name and r["B"] == 64
+                       and r["ctx"] == 8192]
+                share = ms / dec[0]["ms"] if dec else None
+                rows.append({"op": "store", "B": n, "ctx": None, "format": name, "ms": round(ms, 4),
+                             "us_per_tile": round(1000 * ms / n, 2),
+                             "share_of_decode_B64_8k": None if share is None else round(share, 3)})
+                print(f"store {name}: {n} tiles {1000 * ms:.1f} us ({1000 * ms / n:.2f} us/tile)", flush=True)
+
+    (out_dir / "kernels_h200.json").write_text(json.dumps(rows, indent=1))
+    print("\n| op | B | ctx | format | ms | x bf16 | packed GB/s |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["op"] in ("decode", "store"):
+            print(f"| {r['op']} | {r['B']} | {r['ctx']} | {r['format']} | {r['ms']:.3f} | {r.get('x_bf16', '')} | "
+                  f"{r.get('packed_GBps', '')} |")
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
