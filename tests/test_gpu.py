@@ -75,4 +75,4 @@ def test_calibrate_eval_generate_on_cuda(tmp_path):
         out = lm.model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     finally:
         uninstall(lm.model)
-    assert out.shape == (1, 308) and cache.layers[0].tiles[0]["k"][0][1].codes.is_cuda
+    assert out.shape == (1, 308) and cache.layers[0].tiles[0].is_cuda

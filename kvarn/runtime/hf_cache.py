@@ -22,7 +22,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import KvarnError
 from ..quant.attention import mixed_attention, quantized_read_mask
-from ..quant.codec import EncodedTiles, decode_tiles, encode_tiles, fake_quantize_sequence
+from ..ops.layout import PageLayout
+from ..ops.store import store_tiles
+from ..quant.codec import fake_quantize_sequence
 from ..quant.formats import LayerFormat, bytes_per_token
 from ..recipe import Recipe
 
@@ -30,7 +32,8 @@ from ..recipe import Recipe
 class KVarNLayer(DynamicLayer):
     """One layer's cache. ``self.keys``/``self.values`` hold the *read view* ``[B, H, T, D]``
     (decoded tiles + fp16 first tile and tail): a decode memo so tiles are decoded once, not per
-    step. The stored form is ``sink``, ``tiles`` (encoded) and ``tail``."""
+    step. The stored form: ``tiles``, one page record per completed tile and batch row, laid out
+    by ``kvarn.ops.layout.PageLayout`` and written by the store op (as the vLLM backend does)."""
 
     is_croppable = False
 
@@ -39,7 +42,8 @@ class KVarNLayer(DynamicLayer):
         self.fmt = fmt
         self.keep_first_tile = keep_first_tile
         self.k_log_std, self.v_log_std = k_log_std, v_log_std
-        self.tiles: list[dict[str, list[tuple[list[int], EncodedTiles]]]] = []
+        self.layout = PageLayout(fmt, k_log_std, v_log_std)
+        self.tiles: list[torch.Tensor] = []  # per completed tile: records [B, layout.nbytes] uint8
         self.length = 0
 
     # -- storage ----------------------------------------------------------------------------------
@@ -49,36 +53,19 @@ class KVarNLayer(DynamicLayer):
         start = self.fmt.tile if self.keep_first_tile else 0
         return start + len(self.tiles) * self.fmt.tile
 
-    def _encode(self, x: torch.Tensor, kind: str) -> list[tuple[list[int], EncodedTiles]]:
-        fmt = self.fmt.k if kind == "k" else self.fmt.v
-        prior_all = self.k_log_std if kind == "k" else self.v_log_std
-        bits = torch.tensor(fmt.bits)
-        out = []
-        for bw in sorted(set(fmt.bits)):
-            heads = torch.nonzero(bits == bw).flatten().tolist()
-            prior = prior_all[heads].to(x.device)[None]  # [1, h, D]: one prior per head
-            out.append((heads, encode_tiles(x[:, heads], fmt, bw, prior)))
-        return out
-
-    def _decode(self, enc: list[tuple[list[int], EncodedTiles]], kind: str, shape) -> torch.Tensor:
-        fmt = self.fmt.k if kind == "k" else self.fmt.v
-        prior_all = self.k_log_std if kind == "k" else self.v_log_std
-        out = torch.empty(shape, dtype=torch.float32, device=enc[0][1].codes.device)
-        for heads, e in enc:
-            prior = prior_all[heads].to(out.device)[None]
-            out[:, heads] = decode_tiles(e, fmt, self.fmt.head_dim, prior)
-        return out
-
     def _flush(self) -> None:
-        """Encode every completed tile still in the fp16 tail."""
+        """Encode every completed tile still in the fp16 tail (the store op: one record per row)."""
         g = self.fmt.tile
         while self.length - self.stored_end >= g:
             s = self.stored_end
-            tile = {kind: self._encode(buf[:, :, s : s + g].float(), kind) for kind, buf in (("k", self.keys), ("v", self.values))}
-            self.tiles.append(tile)
-            shape = self.keys[:, :, s : s + g].shape
-            self.keys[:, :, s : s + g] = self._decode(tile["k"], "k", shape).to(self.keys.dtype)
-            self.values[:, :, s : s + g] = self._decode(tile["v"], "v", shape).to(self.values.dtype)
+            k = self.keys[:, :, s : s + g]  # [B, H, G, D], fp16-exact float32
+            v = self.values[:, :, s : s + g]
+            rec = torch.empty(k.shape[0], self.layout.nbytes, dtype=torch.uint8, device=k.device)
+            store_tiles(self.layout, rec, k, v, torch.arange(k.shape[0], device=k.device))
+            self.tiles.append(rec)
+            k_hat, v_hat = self.layout.decode(rec)  # [H, B, G, D]
+            self.keys[:, :, s : s + g] = k_hat.transpose(0, 1).to(self.keys.dtype)
+            self.values[:, :, s : s + g] = v_hat.transpose(0, 1).to(self.values.dtype)
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
         self.device = key_states.device
@@ -106,7 +93,7 @@ class KVarNLayer(DynamicLayer):
         """Bytes actually stored: encoded tiles + fp16 first tile and tail."""
         if not self.is_initialized:
             return 0
-        encoded = sum(e.nbytes() for t in self.tiles for kind in "kv" for _, e in t[kind])
+        encoded = sum(rec.numel() for rec in self.tiles)
         b, h, _, d = self.keys.shape
         fp16_tokens = self.length - len(self.tiles) * self.fmt.tile
         return encoded + 2 * b * h * d * 2 * fp16_tokens
