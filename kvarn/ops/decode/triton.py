@@ -110,25 +110,39 @@ def _ptx_field(raw, BITS: tl.constexpr, J: tl.constexpr):
 
 
 @triton.jit
-def _codes(u8, f16, base, t, i, J: tl.constexpr, ROW: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-           FP8: tl.constexpr, CVT: tl.constexpr):
-    """fp16 ``[BT, DP]``: field J (channels ``i * PER + J``) of tokens ``t`` of a codes field at byte ``base``."""
+def _raw(u8, f16, base, t, i, ROW: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """The packed bytes ``[BT, DP]`` of tokens ``t`` of a codes field at byte ``base`` (fp16 values
+    for 16-bit heads; the 2-bit plane for 3-bit heads). Loaded once per sub-tile, shared by fields."""
     if BITS == 16:
         return tl.load(f16 + (base // 2 + t[:, None] * D + i[None, :]))
+    else:
+        return tl.load(u8 + (base + t[:, None] * ROW + i[None, :]))
+
+
+@triton.jit
+def _raw_hi(u8, base, t, i, ROW: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """3-bit heads: the 1-bit plane byte holding channel ``i * 4 + J``'s high bit (each byte serves
+    two ``i``); other widths: nothing (a scalar placeholder)."""
+    if BITS == 3:
+        return tl.load(u8 + (base + t[:, None] * ROW + D // 4 + (i // 2)[None, :])).to(tl.int32)
+    else:
+        return 0
+
+
+@triton.jit
+def _field(raw, hi, i, J: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr):
+    """fp16 ``[BT, DP]``: codes of field J (channels ``i * PER + J``) from the loaded bytes."""
+    if BITS == 16:
+        return raw
     elif FP8:
-        raw = tl.load(u8 + (base + t[:, None] * D + i[None, :]))
         return raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif BITS == 3:
-        lo = tl.load(u8 + (base + t[:, None] * ROW + i[None, :])).to(tl.int32)
-        hi = tl.load(u8 + (base + t[:, None] * ROW + D // 4 + (i // 2)[None, :])).to(tl.int32)
-        c = ((lo >> (2 * J)) & 3) | (((hi >> (4 * (i % 2)[None, :] + J)) & 1) << 2)
+        c = ((raw.to(tl.int32) >> (2 * J)) & 3) | (((hi >> (4 * (i % 2)[None, :] + J)) & 1) << 2)
         return _to_f16(c, CVT)
     elif CVT == 2:  # inline PTX (compiled GPUs only; the interpreter runs CVT 0/1)
-        raw = tl.load(u8 + (base + t[:, None] * ROW + i[None, :]))
         return _ptx_field(raw, BITS, J)
     else:
-        raw = tl.load(u8 + (base + t[:, None] * ROW + i[None, :])).to(tl.int32)
-        c = (raw >> (J * BITS)) & ((1 << BITS) - 1)
+        c = (raw.to(tl.int32) >> (J * BITS)) & ((1 << BITS) - 1)
         return _to_f16(c, CVT)
 
 
@@ -147,10 +161,10 @@ def _q_field(q_ptr, q_off, rows_ok, had, i, J: tl.constexpr, PER: tl.constexpr, 
 
 
 @triton.jit
-def _k_dot(u8, f16, kbase, sbase, zbase, t, i, q_j, J: tl.constexpr, ROW: tl.constexpr, D: tl.constexpr,
-           PER: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr, SCALED: tl.constexpr):
+def _k_dot(raw, hi, f16, sbase, zbase, i, q_j, J: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
+           FP8: tl.constexpr, CVT: tl.constexpr, SCALED: tl.constexpr):
     """(``codes_J . (q_J * scale_J)`` as ``[BT, M]``, ``q_J . zero_J`` as ``[M]``)."""
-    c = _codes(u8, f16, kbase, t, i, J, ROW, D, BITS, FP8, CVT)
+    c = _field(raw, hi, i, J, BITS, FP8, CVT)
     if SCALED:
         ks = tl.load(f16 + (sbase // 2 + i * PER + J)).to(tl.float32)
         kz = tl.load(f16 + (zbase // 2 + i * PER + J)).to(tl.float32)
@@ -161,11 +175,10 @@ def _k_dot(u8, f16, kbase, sbase, zbase, t, i, q_j, J: tl.constexpr, ROW: tl.con
 
 
 @triton.jit
-def _v_dot(u8, f16, vbase, nbase, t, i, pv, acc, alpha, pz, J: tl.constexpr, ROW: tl.constexpr,
-           D: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr,
-           TILE_NORM: tl.constexpr):
+def _v_dot(raw, hi, f16, nbase, i, pv, acc, alpha, pz, J: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
+           FP8: tl.constexpr, CVT: tl.constexpr, TILE_NORM: tl.constexpr):
     """acc_J ``[M, DP]`` updated with one sub-tile: ``alpha * acc + norm_J * (pv . codes_J + pz)``."""
-    c = _codes(u8, f16, vbase, t, i, J, ROW, D, BITS, FP8, CVT)
+    c = _field(raw, hi, i, J, BITS, FP8, CVT)
     part = tl.dot(pv, c) + pz[:, None]
     if TILE_NORM:
         vn = tl.load(f16 + (nbase // 2 + i * PER + J)).to(tl.float32)
@@ -270,18 +283,21 @@ def _paged_kernel(
         live = tile < row_lim  # [M]: rows whose own tile comes later read this one
         for sub in tl.static_range(G // BT):
             t = sub * BT + tl.arange(0, BT)
-            s, bias = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q0, 0, K_ROW, D, K_PER, K_BITS,
-                             K_FP8, CVT, K_SCALED)
+            kraw = _raw(u8, f16, page + kc, t, ki, K_ROW, D, K_BITS)
+            khi = _raw_hi(u8, page + kc, t, ki, K_ROW, D, K_BITS)
+            vraw = _raw(u8, f16, page + vc, t, vi, V_ROW, D, V_BITS)  # issued early: both loads in flight
+            vhi = _raw_hi(u8, page + vc, t, vi, V_ROW, D, V_BITS)
+            s, bias = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q0, 0, K_PER, K_BITS, K_FP8, CVT, K_SCALED)
             if K_PER > 1:
-                s1, b1 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q1, 1, K_ROW, D, K_PER, K_BITS,
-                                K_FP8, CVT, K_SCALED)
+                s1, b1 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q1, 1, K_PER, K_BITS, K_FP8, CVT,
+                                K_SCALED)
                 s += s1
                 bias += b1
             if K_PER > 2:
-                s2, b2 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q2, 2, K_ROW, D, K_PER, K_BITS,
-                                K_FP8, CVT, K_SCALED)
-                s3, b3 = _k_dot(u8, f16, page + kc, page + ksc, page + kz, t, ki, q3, 3, K_ROW, D, K_PER, K_BITS,
-                                K_FP8, CVT, K_SCALED)
+                s2, b2 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q2, 2, K_PER, K_BITS, K_FP8, CVT,
+                                K_SCALED)
+                s3, b3 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q3, 3, K_PER, K_BITS, K_FP8, CVT,
+                                K_SCALED)
                 s += s2 + s3
                 bias += b2 + b3
             s = s + bias[None, :]
@@ -302,16 +318,15 @@ def _paged_kernel(
             else:
                 pv = tl.trans(p.to(tl.float16))
                 pz = tl.sum(p * 0.0, 0)
-            a0 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a0, alpha, pz, 0, V_ROW, D, V_PER, V_BITS, V_FP8,
-                        CVT, V_NORM == 1)
+            a0 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a0, alpha, pz, 0, V_PER, V_BITS, V_FP8, CVT, V_NORM == 1)
             if V_PER > 1:
-                a1 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a1, alpha, pz, 1, V_ROW, D, V_PER, V_BITS,
-                            V_FP8, CVT, V_NORM == 1)
+                a1 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a1, alpha, pz, 1, V_PER, V_BITS, V_FP8, CVT,
+                            V_NORM == 1)
             if V_PER > 2:
-                a2 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a2, alpha, pz, 2, V_ROW, D, V_PER, V_BITS,
-                            V_FP8, CVT, V_NORM == 1)
-                a3 = _v_dot(u8, f16, page + vc, page + vn, t, vi, pv, a3, alpha, pz, 3, V_ROW, D, V_PER, V_BITS,
-                            V_FP8, CVT, V_NORM == 1)
+                a2 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a2, alpha, pz, 2, V_PER, V_BITS, V_FP8, CVT,
+                            V_NORM == 1)
+                a3 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a3, alpha, pz, 3, V_PER, V_BITS, V_FP8, CVT,
+                            V_NORM == 1)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     o_off = pid_s.to(tl.int64) * ws_stride_s + (tok_idx.to(tl.int64) * HQ + qhead) * D
