@@ -34,6 +34,8 @@ from kvarn.ops.layout import PageLayout  # noqa: E402
 from kvarn.quant.formats import LayerFormat, TensorFormat, bits_per_element  # noqa: E402
 
 H, HQ, D, G = 8, 32, 128, 128
+# KVARN_BENCH_DEVICE=cpu with --tiny: a dry run of this script through the Triton interpreter
+DEV = os.environ.get("KVARN_BENCH_DEVICE", "cuda")
 FORMATS = {
     "k4v2": LayerFormat(D, G, TensorFormat((4,) * H, "channel", "tile"), TensorFormat((2,) * H, "token", "tile")),
     "mix": LayerFormat(D, G, TensorFormat((4, 3, 4, 4, 3, 2, 4, 3), "channel", "none", clip=True),
@@ -41,14 +43,27 @@ FORMATS = {
 }
 
 
-def bench(fn, warmup=25, rep=120):
+def bench(fn, warmup=25, rep=60, graph=True):
+    """Median ms of ``fn`` (CUDA events); with ``graph`` its launches are captured once and replayed,
+    so host launch overhead stays out (as in a CUDA-graph serving step)."""
     import triton
 
+    fn()  # compile / warm up outside the capture
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return triton.testing.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median")
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()
+    x = torch.empty((2 * 1024**3 if DEV == "cuda" else 2**20) // 2, dtype=torch.float16, device=DEV).normal_()
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
     return 2 * x.numel() * 2 / ms / 1e6  # GB/s, read + write
@@ -57,7 +72,7 @@ def copy_bandwidth() -> float:
 def random_pages(lay: PageLayout, nblocks: int, gen_seed=0):
     """uint8 pages with random codes and sane fp16 scale/zero/norm fields."""
     torch.manual_seed(gen_seed)
-    pages = torch.randint(0, 256, (nblocks, lay.nbytes), dtype=torch.uint8, device="cuda")
+    pages = torch.randint(0, 256, (nblocks, lay.nbytes), dtype=torch.uint8, device=DEV)
     for (kind, h), seg in lay.fields.items():
         for name, (o, nb) in seg.items():
             if name == "codes":
@@ -77,10 +92,10 @@ def decode_inputs(lay, bsz, ctx, seed=0):
     n_tiles = ctx // G  # the query sits in tile n_tiles (its open tile holds it alone)
     nblocks = bsz * n_tiles + 1
     pages = random_pages(lay, nblocks, seed)
-    perm = (torch.randperm(nblocks - 1, device="cuda") + 1).to(torch.int32)
+    perm = (torch.randperm(nblocks - 1, device=DEV) + 1).to(torch.int32)
     table = perm.reshape(bsz, n_tiles).contiguous()
-    staging = torch.randn(2 * bsz + 2, 2, H, G, D, dtype=torch.float16, device="cuda")
-    i32 = lambda x: torch.as_tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    staging = torch.randn(2 * bsz + 2, 2, H, G, D, dtype=torch.float16, device=DEV)
+    i32 = lambda x: torch.as_tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
     meta = dict(block_table=table, page_start=i32([1] * bsz), q_tile=i32([n_tiles] * bsz),
                 first_slot=i32(list(range(bsz))), cur_slot=i32(list(range(bsz, 2 * bsz))), cur_len=i32([1] * bsz))
     bytes_read = bsz * ((n_tiles - 1) * lay.nbytes + (G + 1) * H * D * 2 * 2)
@@ -88,42 +103,67 @@ def decode_inputs(lay, bsz, ctx, seed=0):
 
 
 def bf16_decode(bsz, ctx):
+    """The faster of two SDPA (flash) layouts: the 4 query heads of a group as 4 query rows over
+    [B, 8, ctx, D], or [B, 32, 1, D] queries with enable_gqa. Returns (ms, bytes, layout name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(bsz, H, HQ // H, D, dtype=torch.bfloat16, device="cuda")
-    k = torch.randn(bsz, H, ctx + 1, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(bsz, H, ctx + 1, D, dtype=torch.bfloat16, device=DEV)
     v = torch.randn_like(k)
-
-    def run():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
-
-    ms = bench(run)
+    q_rows = torch.randn(bsz, H, HQ // H, D, dtype=torch.bfloat16, device=DEV)
+    q_gqa = torch.randn(bsz, HQ, 1, D, dtype=torch.bfloat16, device=DEV)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    results = []
+    for name, fn in (("rows", lambda: sdpa(q_rows, k, v, scale=D ** -0.5)),
+                     ("gqa", lambda: sdpa(q_gqa, k, v, scale=D ** -0.5, enable_gqa=True))):
+        def run(fn=fn):
+            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+            with sdpa_kernel(backends if DEV == "cuda" else [SDPBackend.MATH]):
+                return fn()
+        try:
+            results.append((bench(run), name))
+        except Exception as e:  # noqa: BLE001 - a layout this torch cannot run fast
+            print(f"  bf16 {name} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
     nbytes = 2 * k.numel() * 2
-    del q, k, v
-    return ms, nbytes
+    del q_rows, q_gqa, k, v
+    ms, name = min(results)
+    return ms, nbytes, name
+
+
+def check_decode(lay, bsz=3, ctx=640, **cfg):
+    """Relative error of the kernel against the reference on random pages (a spot check)."""
+    from kvarn.ops.decode import reference as ref
+    from kvarn.ops.decode import triton as tri
+
+    pages, staging, meta, _ = decode_inputs(lay, bsz, ctx)
+    q = torch.randn(bsz, HQ, D, device=DEV)
+    m = meta
+    args = (lay, pages, staging, q, m["block_table"], m["page_start"], m["q_tile"], m["first_slot"], m["cur_slot"],
+            m["cur_len"], D ** -0.5)
+    want = ref.decode(*args)
+    got = tri.decode(*args, **cfg)
+    return ((got.float() - want).norm() / want.norm()).item()
 
 
 def kvarn_decode_fn(lay, pages, staging, meta, bsz, **cfg):
     from kvarn.ops.decode import triton as tri
 
-    q = torch.randn(bsz, HQ, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(bsz, HQ, D, dtype=torch.bfloat16, device=DEV)
     out = torch.empty_like(q)
     splits = cfg.pop("splits", None) or tri.default_splits(bsz, H, meta["block_table"].shape[1])
-    ws = (torch.empty(splits + 1, bsz, HQ, D, device="cuda"), torch.empty(splits + 1, bsz, HQ, device="cuda"))
+    ws = (torch.empty(splits + 1, bsz, HQ, D, device=DEV), torch.empty(splits + 1, bsz, HQ, device=DEV))
     m = meta
     return lambda: tri.decode(lay, pages, staging, q, m["block_table"], m["page_start"], m["q_tile"],
                               m["first_slot"], m["cur_slot"], m["cur_len"], D ** -0.5, out=out, workspace=ws, **cfg)
 
 
-def store_time(lay, n_tiles):
+def store_fn(lay, n_tiles):
     from kvarn.ops.store import triton as store_tri
 
-    pages = torch.zeros(n_tiles + 1, lay.nbytes, dtype=torch.uint8, device="cuda")
-    k = torch.randn(n_tiles, H, G, D, dtype=torch.bfloat16, device="cuda")
+    pages = torch.zeros(n_tiles + 1, lay.nbytes, dtype=torch.uint8, device=DEV)
+    k = torch.randn(n_tiles, H, G, D, dtype=torch.bfloat16, device=DEV)
     v = torch.randn_like(k)
-    ids = torch.arange(1, n_tiles + 1, dtype=torch.int32, device="cuda")
-    return bench(lambda: store_tri.store_tiles(lay, pages, k, v, ids))
+    ids = torch.arange(1, n_tiles + 1, dtype=torch.int32, device=DEV)
+    return lambda: store_tri.store_tiles(lay, pages, k, v, ids)
 
 
 def main():
@@ -131,11 +171,14 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true", help="B in {8, 64}, ctx in {8k, 32k} only")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="dry run: tiny shapes, few variants")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.cuda.get_device_properties(0)
-    print(f"device {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    if DEV == "cuda":
+        dev = torch.cuda.get_device_properties(0)
+        print(f"device {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    sweep_shapes = ((64, 8192), (8, 32768)) if not args.tiny else ((2, 512), (1, 1024))
     rows = []
     t0 = time.time()
     gbps = copy_bandwidth()
@@ -144,21 +187,30 @@ def main():
 
     # -- variant sweep: pick the kernel configuration per batch regime ----------------------------
     variants = []
-    for cvt in (0, 1, 2):
-        for bt, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3)):
-            variants.append(dict(cvt=cvt, bt=bt, num_warps=warps, num_stages=stages))
+    for cvt in (1, 2):
+        for bt, warps, stages, pf in ((128, 4, 2, False), (128, 4, 2, True), (64, 4, 2, False), (128, 8, 2, True)):
+            variants.append(dict(cvt=cvt, bt=bt, num_warps=warps, num_stages=stages, prefetch=pf))
     best = {}
     lay = PageLayout(FORMATS["k4v2"], None, None)
-    for bsz, ctx in ((64, 8192), (8, 32768), (256, 4096)):
+    for var in (variants if not args.tiny else variants[:1]):
+        try:
+            err = check_decode(lay, **var)
+        except Exception as e:  # noqa: BLE001
+            err = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append({"op": "check", "format": "k4v2", "rel_err": err, **var})
+        print(f"check k4v2 {var}: rel err {err}", flush=True)
+    if args.tiny:
+        variants = [dict(cvt=1, bt=128, num_warps=4, num_stages=2, prefetch=True)]
+    for bsz, ctx in sweep_shapes:
         pages, staging, meta, nbytes = decode_inputs(lay, bsz, ctx)
-        base_ms, _ = bf16_decode(bsz, ctx)
+        base_ms, _, _ = bf16_decode(bsz, ctx)
         auto = None
         results = []
         for var in variants:
             from kvarn.ops.decode import triton as tri
 
             auto = tri.default_splits(bsz, H, meta["block_table"].shape[1])
-            for splits in sorted({1, auto, min(tri.MAX_SPLITS, 2 * auto), min(tri.MAX_SPLITS, 4 * auto)}):
+            for splits in sorted({auto, min(tri.MAX_SPLITS, 2 * auto)}):
                 cfg = dict(var, splits=splits)
                 try:
                     ms = bench(kvarn_decode_fn(lay, pages, staging, meta, bsz, **dict(cfg)))
@@ -179,18 +231,22 @@ def main():
     print(f"sweep done in {time.time() - t0:.0f} s", flush=True)
 
     def cfg_for(bsz):
-        c = dict(best[8] if bsz <= 16 else best[64] if bsz <= 96 else best[256])
+        keys = sorted(best)
+        c = dict(best[keys[-1]] if bsz > 16 else best[keys[0]])
         c.pop("splits", None)  # the split count follows the shape (default_splits) beyond the swept points
         return c
 
     grid_b = (8, 64) if args.quick else (8, 64, 160, 256)
     grid_ctx = (8192, 32768) if args.quick else (4096, 8192, 32768)
+    if args.tiny:
+        grid_b, grid_ctx = (1, 2), (256,)
     if not args.sweep_only:
         for ctx in grid_ctx:
             for bsz in grid_b:
-                base_ms, base_bytes = bf16_decode(bsz, ctx)
+                base_ms, base_bytes, base_name = bf16_decode(bsz, ctx)
                 rows.append({"op": "decode", "B": bsz, "ctx": ctx, "format": "bf16", "ms": round(base_ms, 4),
-                             "x_bf16": 1.0, "packed_GBps": round(base_bytes / base_ms / 1e6, 1)})
+                             "x_bf16": 1.0, "packed_GBps": round(base_bytes / base_ms / 1e6, 1),
+                             "sdpa_layout": base_name})
                 for name, fmt in FORMATS.items():
                     prior = torch.randn(H, D) * 0.3
                     lay = PageLayout(fmt, prior, prior)
@@ -212,6 +268,7 @@ def main():
                                  "config": dict(cfg, splits=splits)})
                     del pages, staging, meta
                     torch.cuda.empty_cache()
+                (out_dir / "kernels_h200.json").write_text(json.dumps(rows, indent=1))  # partial results survive
                 print(f"ctx={ctx} B={bsz}: " + "  ".join(f"{r['format']} {r['ms']:.3f} ms x{r['x_bf16']:.2f}"
                                                          for r in rows if r["op"] == "decode" and r["B"] == bsz
                                                          and r["ctx"] == ctx), flush=True)
@@ -219,9 +276,9 @@ def main():
         for name, fmt in FORMATS.items():
             prior = torch.randn(H, D) * 0.3
             lay = PageLayout(fmt, prior, prior)
-            for n in (1, 64, 256):
+            for n in ((1, 64) if not args.tiny else (1,)):
                 try:
-                    ms = store_time(lay, n)
+                    ms = bench(store_fn(lay, n))
                 except Exception as e:  # noqa: BLE001
                     print(f"  store {name} n={n} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     break

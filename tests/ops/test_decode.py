@@ -98,13 +98,13 @@ def test_decode_matches_reference(case, device):
     cur_len = torch.tensor([7, 1, g - 1, g], dtype=torch.int32, device=device)
     scale = d ** -0.5
     want = ref.decode(lay, pages, staging, q, table, page_start, q_tile, first, cur, cur_len, scale)
-    for splits, cvt in [(1, CVTS[0]), (3, CVTS[-1])] + [(2, c) for c in CVTS[1:-1]]:
+    for splits, cvt, prefetch in [(1, CVTS[0], False), (3, CVTS[-1], True)] + [(2, c, False) for c in CVTS[1:-1]]:
         ws = (torch.full((splits + 1, b, h * group, d), float("nan"), device=device),
               torch.full((splits + 1, b, h * group), float("nan"), device=device))
         out = torch.full_like(q, float("nan"))
         tri.decode(lay, pages, staging, q, table, page_start, q_tile, first, cur, cur_len, scale, out=out,
-                   workspace=ws, bt=min(g, 32 if device == "cpu" else g), cvt=cvt)
-        _rel(out, want, f"decode out (splits={splits}, cvt={cvt})")
+                   workspace=ws, bt=g if prefetch or device != "cpu" else min(g, 32), cvt=cvt, prefetch=prefetch)
+        _rel(out, want, f"decode out (splits={splits}, cvt={cvt}, prefetch={prefetch})")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -203,6 +203,55 @@ def _store_out(ws_o, o_off, rows_ok, acc, had, i, v_static, J: tl.constexpr, PER
 
 
 @triton.jit
+def _sub_tile(kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+              ksc, kz, kn, vsc, vz, vn, K_PER: tl.constexpr, K_BITS: tl.constexpr, K_FP8: tl.constexpr,
+              K_SCALED: tl.constexpr, K_NORM: tl.constexpr, V_PER: tl.constexpr, V_BITS: tl.constexpr,
+              V_FP8: tl.constexpr, V_SCALED: tl.constexpr, V_NORM: tl.constexpr, CVT: tl.constexpr):
+    """One sub-tile of tokens ``t`` of one page: scores, online softmax, V accumulation."""
+    s, bias = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q0, 0, K_PER, K_BITS, K_FP8, CVT, K_SCALED)
+    if K_PER > 1:
+        s1, b1 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q1, 1, K_PER, K_BITS, K_FP8, CVT,
+                        K_SCALED)
+        s += s1
+        bias += b1
+    if K_PER > 2:
+        s2, b2 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q2, 2, K_PER, K_BITS, K_FP8, CVT,
+                        K_SCALED)
+        s3, b3 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q3, 3, K_PER, K_BITS, K_FP8, CVT,
+                        K_SCALED)
+        s += s2 + s3
+        bias += b2 + b3
+    s = s + bias[None, :]
+    if K_NORM:
+        s = s * tl.load(f16 + ((page + kn) // 2 + t)).to(tl.float32)[:, None]
+    s = tl.where(live[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[None, :])  # [BT, M]
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    m_i = m_new
+    if V_SCALED:
+        vs = tl.load(f16 + ((page + vsc) // 2 + t)).to(tl.float32)
+        vzp = tl.load(f16 + ((page + vz) // 2 + t)).to(tl.float32)
+        pv = tl.trans((p * vs[:, None]).to(tl.float16))
+        pz = tl.sum(p * vzp[:, None], 0)
+    else:
+        pv = tl.trans(p.to(tl.float16))
+        pz = tl.sum(p * 0.0, 0)
+    a0 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a0, alpha, pz, 0, V_PER, V_BITS, V_FP8, CVT, V_NORM == 1)
+    if V_PER > 1:
+        a1 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a1, alpha, pz, 1, V_PER, V_BITS, V_FP8, CVT,
+                    V_NORM == 1)
+    if V_PER > 2:
+        a2 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a2, alpha, pz, 2, V_PER, V_BITS, V_FP8, CVT,
+                    V_NORM == 1)
+        a3 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a3, alpha, pz, 3, V_PER, V_BITS, V_FP8, CVT,
+                    V_NORM == 1)
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
 def _paged_kernel(
     q_ptr, stride_qt, stride_qh,
     ws_o, ws_lse, ws_stride_s,  # partials [S, T, Hq, D] float32 / [S, T, Hq] float32
@@ -215,7 +264,7 @@ def _paged_kernel(
     G: tl.constexpr, BT: tl.constexpr, SPLITS, ROWS_ARE_SEQS: tl.constexpr,
     K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_ROT: tl.constexpr, K_NORM: tl.constexpr,
     V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_ROT: tl.constexpr, V_NORM: tl.constexpr,
-    CVT: tl.constexpr,
+    CVT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     h = tl.load(heads + tl.program_id(1))
@@ -255,6 +304,9 @@ def _paged_kernel(
     ki = tl.arange(0, K_DP)
     vi = tl.arange(0, V_DP)
     q0 = _q_field(q_ptr, q_off, rows_ok, had, ki, 0, K_PER, D, K_ROT, qscale)
+    q1 = q0  # placeholders for fields a width does not have (never read)
+    q2 = q0
+    q3 = q0
     if K_PER > 1:
         q1 = _q_field(q_ptr, q_off, rows_ok, had, ki, 1, K_PER, D, K_ROT, qscale)
     if K_PER > 2:
@@ -278,55 +330,42 @@ def _paged_kernel(
     a1 = tl.zeros([M, V_DP], tl.float32)
     a2 = tl.zeros([M, V_DP], tl.float32)
     a3 = tl.zeros([M, V_DP], tl.float32)
-    for tile in range(lo, hi):
-        page = tl.load(block_table + b.to(tl.int64) * bt_stride + tile).to(tl.int64) * page_stride
-        live = tile < row_lim  # [M]: rows whose own tile comes later read this one
-        for sub in tl.static_range(G // BT):
-            t = sub * BT + tl.arange(0, BT)
-            kraw = _raw(u8, f16, page + kc, t, ki, K_ROW, D, K_BITS)
-            khi = _raw_hi(u8, page + kc, t, ki, K_ROW, D, K_BITS)
-            vraw = _raw(u8, f16, page + vc, t, vi, V_ROW, D, V_BITS)  # issued early: both loads in flight
-            vhi = _raw_hi(u8, page + vc, t, vi, V_ROW, D, V_BITS)
-            s, bias = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q0, 0, K_PER, K_BITS, K_FP8, CVT, K_SCALED)
-            if K_PER > 1:
-                s1, b1 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q1, 1, K_PER, K_BITS, K_FP8, CVT,
-                                K_SCALED)
-                s += s1
-                bias += b1
-            if K_PER > 2:
-                s2, b2 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q2, 2, K_PER, K_BITS, K_FP8, CVT,
-                                K_SCALED)
-                s3, b3 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q3, 3, K_PER, K_BITS, K_FP8, CVT,
-                                K_SCALED)
-                s += s2 + s3
-                bias += b2 + b3
-            s = s + bias[None, :]
-            if K_NORM:
-                s = s * tl.load(f16 + ((page + kn) // 2 + t)).to(tl.float32)[:, None]
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[None, :])  # [BT, M]
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            m_i = m_new
-            if V_SCALED:
-                vs = tl.load(f16 + ((page + vsc) // 2 + t)).to(tl.float32)
-                vzp = tl.load(f16 + ((page + vz) // 2 + t)).to(tl.float32)
-                pv = tl.trans((p * vs[:, None]).to(tl.float16))
-                pz = tl.sum(p * vzp[:, None], 0)
-            else:
-                pv = tl.trans(p.to(tl.float16))
-                pz = tl.sum(p * 0.0, 0)
-            a0 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a0, alpha, pz, 0, V_PER, V_BITS, V_FP8, CVT, V_NORM == 1)
-            if V_PER > 1:
-                a1 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a1, alpha, pz, 1, V_PER, V_BITS, V_FP8, CVT,
-                            V_NORM == 1)
-            if V_PER > 2:
-                a2 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a2, alpha, pz, 2, V_PER, V_BITS, V_FP8, CVT,
-                            V_NORM == 1)
-                a3 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a3, alpha, pz, 3, V_PER, V_BITS, V_FP8, CVT,
-                            V_NORM == 1)
+    brow = block_table + b.to(tl.int64) * bt_stride
+    if PREFETCH:  # whole tiles (BT == G), the next tile's bytes loaded while this one is computed
+        t = tl.arange(0, G)
+        page_n = tl.load(brow + lo, mask=lo < hi, other=0).to(tl.int64) * page_stride
+        kraw_n = _raw(u8, f16, page_n + kc, t, ki, K_ROW, D, K_BITS)
+        khi_n = _raw_hi(u8, page_n + kc, t, ki, K_ROW, D, K_BITS)
+        vraw_n = _raw(u8, f16, page_n + vc, t, vi, V_ROW, D, V_BITS)
+        vhi_n = _raw_hi(u8, page_n + vc, t, vi, V_ROW, D, V_BITS)
+        for tile in range(lo, hi):
+            page = page_n
+            kraw, khi, vraw, vhi = kraw_n, khi_n, vraw_n, vhi_n
+            # past the end: block 0 (the engine's null block, always allocated) is read and unused
+            page_n = tl.load(brow + tile + 1, mask=tile + 1 < hi, other=0).to(tl.int64) * page_stride
+            kraw_n = _raw(u8, f16, page_n + kc, t, ki, K_ROW, D, K_BITS)
+            khi_n = _raw_hi(u8, page_n + kc, t, ki, K_ROW, D, K_BITS)
+            vraw_n = _raw(u8, f16, page_n + vc, t, vi, V_ROW, D, V_BITS)
+            vhi_n = _raw_hi(u8, page_n + vc, t, vi, V_ROW, D, V_BITS)
+            live = tile < row_lim
+            m_i, l_i, a0, a1, a2, a3 = _sub_tile(
+                kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+                ksc, kz, kn, vsc, vz, vn, K_PER, K_BITS, K_FP8, K_SCALED, K_NORM, V_PER, V_BITS, V_FP8, V_SCALED,
+                V_NORM, CVT)
+    else:
+        for tile in range(lo, hi):
+            page = tl.load(brow + tile).to(tl.int64) * page_stride
+            live = tile < row_lim  # [M]: rows whose own tile comes later read this one
+            for sub in tl.static_range(G // BT):
+                t = sub * BT + tl.arange(0, BT)
+                kraw = _raw(u8, f16, page + kc, t, ki, K_ROW, D, K_BITS)
+                khi = _raw_hi(u8, page + kc, t, ki, K_ROW, D, K_BITS)
+                vraw = _raw(u8, f16, page + vc, t, vi, V_ROW, D, V_BITS)  # issued early: both loads in flight
+                vhi = _raw_hi(u8, page + vc, t, vi, V_ROW, D, V_BITS)
+                m_i, l_i, a0, a1, a2, a3 = _sub_tile(
+                    kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+                    ksc, kz, kn, vsc, vz, vn, K_PER, K_BITS, K_FP8, K_SCALED, K_NORM, V_PER, V_BITS, V_FP8, V_SCALED,
+                    V_NORM, CVT)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     o_off = pid_s.to(tl.int64) * ws_stride_s + (tok_idx.to(tl.int64) * HQ + qhead) * D
@@ -390,10 +429,11 @@ def _staged_kernel(
         base = staging + tl.load(cur_slot + b).to(tl.int64) * slot_stride + h * G * D
         m_i, l_i, acc = _staged_chunk(base, base + NUM_KV * G * D, n, qT, m_i, l_i, acc, D, G)
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-    o_off = (slot_index.to(tl.int64) * tl.num_programs(0) + b) * HQ * D + qhead * D
+    row = (slot_index * tl.num_programs(0) + b).to(tl.int64)  # slot_index may arrive as a constant 1
+    o_off = row * HQ * D + qhead * D
     tl.store(ws_o + o_off[:, None] + d[None, :], acc * inv_l[:, None], mask=rows_ok[:, None])
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(ws_lse + (slot_index.to(tl.int64) * tl.num_programs(0) + b) * HQ + qhead, lse, mask=rows_ok)
+    tl.store(ws_lse + row * HQ + qhead, lse, mask=rows_ok)
 
 
 @triton.jit
@@ -440,7 +480,7 @@ def default_cvt(t: torch.Tensor) -> int:
 
 
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
-                  toks, scale, splits, bt, num_warps, num_stages, cvt):
+                  toks, scale, splits, bt, num_warps, num_stages, cvt, prefetch=False):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     fmt = layout.fmt
@@ -468,7 +508,7 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
             HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
             ROWS_ARE_SEQS=rows is None,
             K_BITS=grp.k_bits, K_FP8=k_fp8, K_ROT=k_rot, K_NORM=k_scaled and fmt.k.normalize == "tile",
-            V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt,
+            V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile),
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -481,7 +521,8 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=None, workspace=None):
+           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=None, workspace=None,
+           prefetch=False):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -496,7 +537,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
         ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
-                  bt or layout.tile, num_warps, num_stages, cvt)
+                  bt or layout.tile, num_warps, num_stages, cvt, prefetch)
     group = hq // layout.num_kv_heads
     _staged_kernel[(bsz, layout.num_kv_heads)](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,
@@ -509,7 +550,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
 
 
 def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, toks=None,
-                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=None, poison=False):
+                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=None, poison=False, prefetch=False):
     """See ``reference.paged_attention`` (natural-log lse). Query tokens of a sequence must be contiguous.
 
     The workspace is ``num_splits x T x Hq x D`` float32: bounded by the step, not the history.
@@ -535,7 +576,7 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
         ws_o.fill_(float("nan"))
         ws_lse.fill_(float("nan"))
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile.to(torch.int32), page_start.to(torch.int32),
-                  rows, len(r_seq), toks, scale, num_splits, bt or layout.tile, num_warps, num_stages, cvt)
+                  rows, len(r_seq), toks, scale, num_splits, bt or layout.tile, num_warps, num_stages, cvt, prefetch)
     out = torch.full((t_all, hq, d), float("nan"), dtype=torch.float32, device=dev)
     lse = torch.full((t_all, hq), float("nan"), dtype=torch.float32, device=dev)
     _combine(ws_o, ws_lse, out, lse, num_splits)

@@ -17,8 +17,9 @@
   3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits). Each output byte is
   ``tl.sum`` over the last axis of ``tl.reshape(codes, [G, D / per, per]) << shifts`` (disjoint bit
   fields, so the sum is an OR);
-* fp16 heads store the fp16 input, fp8 heads torch's float32 → float8_e4m3fn conversion (emulated
-  bit for bit: torch maps |x| >= 480 to NaN where the hardware cvt saturates to 448).
+* fp16 heads store the fp16 input, fp8 heads torch's float32 → float8_e4m3fn conversion, emulated
+  bit for bit in integer arithmetic (not the hardware cvt: torch versions differ from it, and from
+  each other, past 448; the installed torch's rule is probed once per device).
 
 Per-kind choices (axis, normalize, hadamard, clip, codec, prior) are constexpr; the width of a head
 is read at run time from a small int32 table and branches to a width-specialised quantizer. Exact
@@ -47,41 +48,20 @@ _BK = 32  # columns of x per rotation dot
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-@triton.jit
-def _div(a, b):
-    """IEEE division (``/`` lowers to the approximate div.full.f32 on NVIDIA), with broadcasting."""
-    a, b = tl.broadcast(a, b)
-    return tl.div_rn(a, b)
-
-
-@triton.jit
-def _rne(y):
-    """Round half to even in fp32, exact for |y| < 2**22 (callers clamp first): torch.round."""
-    return (y + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _std(x, AXIS: tl.constexpr, N: tl.constexpr):
-    """Population std of a 2-D tile along AXIS (N elements): ``normalize._std``."""
-    m = tl.sum(x, axis=AXIS) * (1.0 / N)
-    c = x - tl.expand_dims(m, AXIS)
-    return tl.sqrt_rn(tl.sum(c * c, axis=AXIS) * (1.0 / N))
-
-
-@triton.jit
-def _std1(v, N: tl.constexpr):
-    """Population std of a vector of N elements."""
-    m = tl.sum(v, axis=0) * (1.0 / N)
-    c = v - m
-    return tl.sqrt_rn(tl.sum(c * c, axis=0) * (1.0 / N))
-
-
+# Small helpers are inlined by hand where they sit in loops: under TRITON_INTERPRET every call of a
+# jit function re-patches triton.language (~1 ms), which would dominate the CPU tests.
 @triton.jit
 def _imbalance(y, G: tl.constexpr, D: tl.constexpr, EPS: tl.constexpr):
-    """``normalize.imbalance`` of one tile: std of log row stds + std of log column stds."""
-    log_row = tl.log(_std(y, 1, D) + EPS)
-    log_col = tl.log(_std(y, 0, G) + EPS)
-    return _std1(log_row, G) + _std1(log_col, D)
+    """``normalize.imbalance`` of one tile: std of log row stds + std of log column stds.
+
+    Every std is ``normalize._std`` (population: centre, mean of squares, IEEE sqrt)."""
+    c = y - (tl.sum(y, axis=1) * (1.0 / D))[:, None]
+    log_row = tl.log(tl.sqrt_rn(tl.sum(c * c, axis=1) * (1.0 / D)) + EPS)  # [G]
+    c = y - (tl.sum(y, axis=0) * (1.0 / G))[None, :]
+    log_col = tl.log(tl.sqrt_rn(tl.sum(c * c, axis=0) * (1.0 / G)) + EPS)  # [D]
+    cr = log_row - tl.sum(log_row, axis=0) * (1.0 / G)
+    cc = log_col - tl.sum(log_col, axis=0) * (1.0 / D)
+    return tl.sqrt_rn(tl.sum(cr * cr, axis=0) * (1.0 / G)) + tl.sqrt_rn(tl.sum(cc * cc, axis=0) * (1.0 / D))
 
 
 @triton.jit
@@ -90,7 +70,9 @@ def _variance_normalize(x, prior_ptr, G: tl.constexpr, D: tl.constexpr, HAS_PRIO
     """``normalize.variance_normalize`` of one tile: ``(best log_r [G], best log_c [D])``."""
     if HAS_PRIOR:
         log_c = tl.load(prior_ptr + tl.arange(0, D))
-        log_r = tl.log(_std(x * tl.exp(-log_c)[None, :], 1, D) + EPS)
+        y = x * tl.exp(-log_c)[None, :]
+        c = y - (tl.sum(y, axis=1) * (1.0 / D))[:, None]
+        log_r = tl.log(tl.sqrt_rn(tl.sum(c * c, axis=1) * (1.0 / D)) + EPS)
     else:
         log_r = tl.zeros([G], dtype=tl.float32)
         log_c = tl.zeros([D], dtype=tl.float32)
@@ -98,8 +80,12 @@ def _variance_normalize(x, prior_ptr, G: tl.constexpr, D: tl.constexpr, HAS_PRIO
     best_c = log_c
     best = _imbalance(x * tl.exp(-log_r[:, None] - log_c[None, :]), G, D, EPS)
     for _ in range(ITERS):
-        log_c = tl.log(_std(x * tl.exp(-log_r)[:, None], 0, G) + EPS)
-        log_r = tl.log(_std(x * tl.exp(-log_c)[None, :], 1, D) + EPS)
+        y = x * tl.exp(-log_r)[:, None]  # column step: std over rows of x / r
+        c = y - (tl.sum(y, axis=0) * (1.0 / G))[None, :]
+        log_c = tl.log(tl.sqrt_rn(tl.sum(c * c, axis=0) * (1.0 / G)) + EPS)
+        y = x * tl.exp(-log_c)[None, :]  # row step: std over columns of x / c
+        c = y - (tl.sum(y, axis=1) * (1.0 / D))[:, None]
+        log_r = tl.log(tl.sqrt_rn(tl.sum(c * c, axis=1) * (1.0 / D)) + EPS)
         shift = tl.sum(log_c, axis=0) * (1.0 / D)
         log_c = log_c - shift
         log_r = log_r + shift
@@ -121,7 +107,7 @@ def _multiplier(log_s):
 @triton.jit
 def _params(lo, hi, LEVELS: tl.constexpr, MIN_SCALE: tl.constexpr):
     """``rtn._params``: fp16-exact (scale, zero) of groups with range [lo, hi]."""
-    scale = _div(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    scale = tl.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
     scale = tl.maximum(scale, MIN_SCALE).to(tl.float16).to(tl.float32)
     zero = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
     return scale, zero
@@ -130,17 +116,30 @@ def _params(lo, hi, LEVELS: tl.constexpr, MIN_SCALE: tl.constexpr):
 @triton.jit
 def _codes(x, scale, zero, LEVELS: tl.constexpr):
     """``rtn._codes`` as float32 integers; scale/zero already broadcastable to x."""
-    y = _div(x - zero, scale)
+    d = x - zero
+    y = tl.div_rn(d, tl.broadcast_to(scale, d.shape))
     y = tl.minimum(tl.maximum(y, -1.0), LEVELS + 1.0)  # rounding then clamping to [0, L] is unchanged
-    return tl.minimum(tl.maximum(_rne(y), 0.0), LEVELS)
+    y = (y + 12582912.0) - 12582912.0  # round half to even (torch.round): exact for |y| < 2**22
+    return tl.minimum(tl.maximum(y, 0.0), LEVELS)
 
 
 @triton.jit
-def _sq_err(x, scale, zero, AXIS: tl.constexpr, LEVELS: tl.constexpr):
-    s = tl.expand_dims(scale, AXIS)
-    z = tl.expand_dims(zero, AXIS)
-    d = _codes(x, s, z, LEVELS) * s + z - x
-    return tl.sum(d * d, axis=AXIS)
+def _clip_candidate(x, mid, half, r, AXIS: tl.constexpr, LEVELS: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One clip ratio: ``_params(mid -/+ half * r)`` and the groups' squared error of its codes
+    (``_params`` and ``_codes`` inlined)."""
+    lo = mid - half * r
+    hi = mid + half * r
+    s = tl.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    s = tl.maximum(s, MIN_SCALE).to(tl.float16).to(tl.float32)
+    z = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
+    se = tl.expand_dims(s, AXIS)
+    ze = tl.expand_dims(z, AXIS)
+    d = x - ze
+    y = tl.div_rn(d, tl.broadcast_to(se, d.shape))
+    y = tl.minimum(tl.maximum(y, -1.0), LEVELS + 1.0)
+    y = tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), LEVELS)
+    e = y * se + ze - x
+    return s, z, tl.sum(e * e, axis=AXIS)
 
 
 @triton.jit
@@ -153,12 +152,9 @@ def _rtn(x, ratios_ptr, AXIS: tl.constexpr, LEVELS: tl.constexpr, CLIP: tl.const
     if CLIP:
         mid = (hi + lo) * 0.5
         half = (hi - lo) * 0.5
-        s, z = _params(mid - half, mid + half, LEVELS, MIN_SCALE)  # ratio 1.0: the start
-        best = _sq_err(x, s, z, AXIS, LEVELS)
+        _, _, best = _clip_candidate(x, mid, half, 1.0, AXIS, LEVELS, MIN_SCALE)  # ratio 1.0: the start
         for i in range(1, NR):
-            r = tl.load(ratios_ptr + i)
-            s, z = _params(mid - half * r, mid + half * r, LEVELS, MIN_SCALE)
-            err = _sq_err(x, s, z, AXIS, LEVELS)
+            s, z, err = _clip_candidate(x, mid, half, tl.load(ratios_ptr + i), AXIS, LEVELS, MIN_SCALE)
             better = err < best
             best = tl.where(better, err, best)
             scale = tl.where(better, s, scale)
@@ -178,10 +174,9 @@ def _pack(c, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G: tl.constexpr, D: tl.constexpr,
-                    BITS: tl.constexpr, AXIS: tl.constexpr, CLIP: tl.constexpr, NR: tl.constexpr,
-                    MIN_SCALE: tl.constexpr):
-    """RTN-quantize a (rotated, normalized) tile at BITS and write codes, scale and zero."""
-    LEVELS: tl.constexpr = (1 << BITS) - 1.0
+                    BITS: tl.constexpr, LEVELS: tl.constexpr, AXIS: tl.constexpr, CLIP: tl.constexpr,
+                    NR: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """RTN-quantize a (rotated, normalized) tile at BITS (LEVELS = 2**BITS - 1) and write codes, scale, zero."""
     codes, scale, zero = _rtn(x, ratios_ptr, AXIS, LEVELS, CLIP, NR, MIN_SCALE)
     c = codes.to(tl.int32)
     rows = tl.arange(0, G)
@@ -203,14 +198,25 @@ def _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G: tl.constex
 
 
 @triton.jit
-def _e4m3fn_bits(x):
-    """torch's float32 → float8_e4m3fn (c10 ``fp8e4m3fn_from_fp32_value``) as uint8, bit for bit."""
+def _e4m3fn_bits(x, SAT_CARRY: tl.constexpr, SAT_OVER: tl.constexpr):
+    """torch's float32 → float8_e4m3fn (c10 ``fp8e4m3fn_from_fp32_value``) as uint8, bit for bit.
+
+    torch versions differ past 448 (``_fp8_rules``): SAT_CARRY, a value that rounds up into the NaN
+    pattern 0x7f ((464, 480)) gives 448 (0x7e) rather than NaN; SAT_OVER, |x| >= 480 and inf give
+    448 rather than NaN. NaN gives NaN (0x7f) always."""
     b = x.to(tl.int32, bitcast=True)
     a = b & 0x7FFFFFFF
     small = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)
-    normal = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
-    r = tl.where(a >= (1087 << 20), 0x7F, tl.where(a < (121 << 23), small, normal))
-    r = (r & 0xFF) | ((b >> 24) & 0x80)
+    normal = ((a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20) & 0xFF
+    r = tl.where(a < (121 << 23), small, normal)
+    if SAT_CARRY:
+        r = tl.where(r == 0x7F, 0x7E, r)
+    if SAT_OVER:
+        r = tl.where(a >= (1087 << 20), 0x7E, r)
+        r = tl.where(a > 0x7F800000, 0x7F, r)
+    else:
+        r = tl.where(a >= (1087 << 20), 0x7F, r)
+    r = r | ((b >> 24) & 0x80)
     return r.to(tl.uint8)
 
 
@@ -225,7 +231,8 @@ def _load_f16(x_ptr, s_g, s_d, rows, cols):
 def _encode_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr, prior_ptr, static_ptr,
                  ratios_ptr, G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, AXIS: tl.constexpr,
                  HAD: tl.constexpr, NORM: tl.constexpr, HAS_PRIOR: tl.constexpr, CLIP: tl.constexpr,
-                 FP8: tl.constexpr, ITERS: tl.constexpr, EPS: tl.constexpr, NR: tl.constexpr,
+                 FP8: tl.constexpr, FP8_SAT_CARRY: tl.constexpr, FP8_SAT_OVER: tl.constexpr,
+                 ITERS: tl.constexpr, EPS: tl.constexpr, NR: tl.constexpr,
                  MIN_SCALE: tl.constexpr):
     """Encode one head's tile (K: AXIS 0, groups over tokens; V: AXIS 1, groups over channels)."""
     rows = tl.arange(0, G)
@@ -236,7 +243,8 @@ def _encode_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr,
     else:
         if FP8:
             xf = _load_f16(x_ptr, s_g, s_d, rows, cols).to(tl.float32)
-            tl.store(u8 + rec8 + tl.load(offs_ptr + 0) + rows[:, None] * D + cols[None, :], _e4m3fn_bits(xf))
+            q = _e4m3fn_bits(xf, FP8_SAT_CARRY, FP8_SAT_OVER)
+            tl.store(u8 + rec8 + tl.load(offs_ptr + 0) + rows[:, None] * D + cols[None, :], q)
         else:
             if HAD:
                 x = tl.zeros([G, D], dtype=tl.float32)
@@ -251,24 +259,29 @@ def _encode_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr,
                 best_r, best_c = _variance_normalize(x, prior_ptr, G, D, HAS_PRIOR, ITERS, EPS)
                 if AXIS == 0:  # K: a per-token multiplier
                     mult = _multiplier(best_r)
-                    x = _div(x, mult[:, None])
+                    x = tl.div_rn(x, tl.broadcast_to(mult[:, None], x.shape))
                     tl.store(f16 + rec16 + tl.load(offs_ptr + 3) // 2 + rows, mult.to(tl.float16))
                 else:  # V: a per-channel multiplier
                     mult = _multiplier(best_c)
-                    x = _div(x, mult[None, :])
+                    x = tl.div_rn(x, tl.broadcast_to(mult[None, :], x.shape))
                     tl.store(f16 + rec16 + tl.load(offs_ptr + 3) // 2 + cols, mult.to(tl.float16))
             elif NORM == 2:
-                x = _div(x, tl.load(static_ptr + cols)[None, :])
+                x = tl.div_rn(x, tl.broadcast_to(tl.load(static_ptr + cols)[None, :], x.shape))
             if bits == 2:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 2, AXIS, CLIP, NR, MIN_SCALE)
+                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 2, 3.0, AXIS, CLIP, NR,
+                                MIN_SCALE)
             elif bits == 3:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 3, AXIS, CLIP, NR, MIN_SCALE)
+                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 3, 7.0, AXIS, CLIP, NR,
+                                MIN_SCALE)
             elif bits == 4:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 4, AXIS, CLIP, NR, MIN_SCALE)
+                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 4, 15.0, AXIS, CLIP, NR,
+                                MIN_SCALE)
             elif bits == 8:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 8, AXIS, CLIP, NR, MIN_SCALE)
+                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 8, 255.0, AXIS, CLIP, NR,
+                                MIN_SCALE)
             else:  # 1 bit
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 1, AXIS, CLIP, NR, MIN_SCALE)
+                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 1, 1.0, AXIS, CLIP, NR,
+                                MIN_SCALE)
 
 
 @triton.jit
@@ -278,7 +291,8 @@ def _store_kernel(u8, f16, page_stride, page_stride16, k_ptr, v_ptr, sk_n, sk_h,
                   EPS: tl.constexpr, NR: tl.constexpr, MIN_SCALE: tl.constexpr,
                   K_HAD: tl.constexpr, K_NORM: tl.constexpr, K_PRIOR: tl.constexpr, K_CLIP: tl.constexpr,
                   K_FP8: tl.constexpr, V_HAD: tl.constexpr, V_NORM: tl.constexpr, V_PRIOR: tl.constexpr,
-                  V_CLIP: tl.constexpr, V_FP8: tl.constexpr):
+                  V_CLIP: tl.constexpr, V_FP8: tl.constexpr, FP8_SAT_CARRY: tl.constexpr,
+                  FP8_SAT_OVER: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     kind = tl.program_id(2)
@@ -291,11 +305,11 @@ def _store_kernel(u8, f16, page_stride, page_stride16, k_ptr, v_ptr, sk_n, sk_h,
     if kind == 0:
         _encode_head(u8, f16, rec8, rec16, k_ptr + t64 * sk_n + h * sk_h, sk_g, sk_d, bits, offs_ptr, had_ptr,
                      k_prior + h * D, v_static, ratios_ptr, G, D, BK, 0, K_HAD, K_NORM, K_PRIOR, K_CLIP, K_FP8,
-                     ITERS, EPS, NR, MIN_SCALE)
+                     FP8_SAT_CARRY, FP8_SAT_OVER, ITERS, EPS, NR, MIN_SCALE)
     else:
         _encode_head(u8, f16, rec8, rec16, v_ptr + t64 * sv_n + h * sv_h, sv_g, sv_d, bits, offs_ptr, had_ptr,
                      v_prior + h * D, v_static + h * D, ratios_ptr, G, D, BK, 1, V_HAD, V_NORM, V_PRIOR, V_CLIP,
-                     V_FP8, ITERS, EPS, NR, MIN_SCALE)
+                     V_FP8, FP8_SAT_CARRY, FP8_SAT_OVER, ITERS, EPS, NR, MIN_SCALE)
 
 
 # -- host side -------------------------------------------------------------------------------------
@@ -328,12 +342,12 @@ def _tables(layout: PageLayout, device: torch.device) -> _Tables:
     v_static = torch.exp(vp).contiguous() if fmt.v.normalize == "static" else dummy
     meta = dict(
         G=layout.tile, D=layout.head_dim, BK=min(_BK, layout.head_dim), ITERS=NORMALIZE_ITERS, EPS=_EPS,
-        NR=len(CLIP_RATIOS), MIN_SCALE=_MIN_SCALE,
-        K_HAD=fmt.k.hadamard, K_NORM=_NORMALIZE[fmt.k.normalize], K_PRIOR=kp is not None, K_CLIP=fmt.k.clip,
-        K_FP8=fmt.k.codec == "fp8",
-        V_HAD=fmt.v.hadamard, V_NORM=_NORMALIZE[fmt.v.normalize], V_PRIOR=vp is not None, V_CLIP=fmt.v.clip,
-        V_FP8=fmt.v.codec == "fp8",
+        NR=len(CLIP_RATIOS), MIN_SCALE=_MIN_SCALE, **_fp8_rules(device),
     )
+    for kind, tf, p in (("K", fmt.k, kp), ("V", fmt.v, vp)):
+        meta.update({f"{kind}_HAD": tf.hadamard, f"{kind}_NORM": _NORMALIZE[tf.normalize],
+                     f"{kind}_PRIOR": p is not None and tf.normalize == "tile", f"{kind}_CLIP": tf.clip,
+                     f"{kind}_FP8": tf.codec == "fp8"})
     return _Tables(
         bits=torch.tensor([fmt.k.bits, fmt.v.bits], dtype=torch.int32, device=device),
         offsets=kt.offsets.to(torch.int32).contiguous(),
@@ -344,6 +358,18 @@ def _tables(layout: PageLayout, device: torch.device) -> _Tables:
         ratios=torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=device),
         meta=meta,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _fp8_rules(device: torch.device) -> dict:
+    """How this torch casts to float8_e4m3fn past 448 (2.13: (464, 480) and >= 480 → 448; 2.11, CPU and
+    CUDA: both → NaN), probed once per device: the kernel reproduces the reference's cast."""
+    probe = torch.tensor([472.0, 1000.0, float("inf")], device=device).to(torch.float8_e4m3fn)
+    carry, over, inf = probe.view(torch.uint8).tolist()
+    if not {carry, over, inf} <= {0x7E, 0x7F} or over != inf:
+        raise KvarnError(f"this torch casts 472, 1000, inf to float8_e4m3fn bytes {[carry, over, inf]}, which the "
+                         "Triton store does not emulate; use the reference store (KVARN_OPS=reference)")
+    return {"FP8_SAT_CARRY": carry == 0x7E, "FP8_SAT_OVER": over == 0x7E}
 
 
 def _num_warps(g: int, d: int) -> int:
@@ -367,7 +393,7 @@ def store_tiles(layout: PageLayout, pages: torch.Tensor, k: torch.Tensor, v: tor
         raise ValueError("pages rows must start at even byte offsets (fp16 fields are written as fp16)")
     dev = pages.device
     tabs = _tables(layout, dev)
-    pages16 = pages.view(torch.float16) if pages.shape[1] % 2 == 0 else pages[:, : pages.shape[1] - 1].view(torch.float16)
+    pages16 = pages[:, : pages.shape[1] // 2 * 2].view(torch.float16)  # the fp16 fields' pointer
     ids = block_ids.to(device=dev).reshape(-1).contiguous()
     k, v = k.to(dev), v.to(dev)
     _store_kernel[(n, h, 2)](
