@@ -13,7 +13,8 @@ Kernels:
   Codes are never interleaved in registers: field ``j`` of each byte (channels ``j, j+PER, ...``)
   gets its own dot (``PER = 8 / bits``) and, for V, its own accumulator; the un-rotation at the end
   (``o @ H``, rows of H taken with the same stride) interleaves them for free.
-  The query is rotated once in the prologue; the output is written in the model's basis.
+  The query is rotated once per launch (outside the programs); the output is written in the
+  model's basis.
 * ``_staged_kernel`` — the fp16 part of a decode step (first tile + open tile from staging).
 * ``_combine_kernel`` — merges the splits' partial results by their log-sum-exp.
 
@@ -147,17 +148,10 @@ def _field(raw, hi, i, J: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, C
 
 
 @triton.jit
-def _q_field(q_ptr, q_off, rows_ok, had, i, J: tl.constexpr, PER: tl.constexpr, D: tl.constexpr,
-             ROT: tl.constexpr, qscale):
-    """float32 ``[M, DP]``: the (rotated) query's channels ``i * PER + J``, times ``qscale``."""
-    if ROT:
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32)
-        hcol = tl.load(had + d[:, None] * D + (i * PER + J)[None, :])
-        return tl.dot(q, hcol, input_precision="ieee") * qscale
-    else:
-        q = tl.load(q_ptr + q_off[:, None] + (i * PER + J)[None, :], mask=rows_ok[:, None], other=0.0)
-        return q.to(tl.float32) * qscale
+def _q_field(q_ptr, q_off, rows_ok, i, J: tl.constexpr, PER: tl.constexpr, qscale):
+    """float32 ``[M, DP]``: the query's channels ``i * PER + J`` (already rotated where K is), times ``qscale``."""
+    q = tl.load(q_ptr + q_off[:, None] + (i * PER + J)[None, :], mask=rows_ok[:, None], other=0.0)
+    return q.to(tl.float32) * qscale
 
 
 @triton.jit
@@ -262,7 +256,7 @@ def _paged_kernel(
     qscale, num_kv_heads,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOKS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, BT: tl.constexpr, SPLITS, ROWS_ARE_SEQS: tl.constexpr,
-    K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_ROT: tl.constexpr, K_NORM: tl.constexpr,
+    K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_NORM: tl.constexpr,
     V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_ROT: tl.constexpr, V_NORM: tl.constexpr,
     CVT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
@@ -303,15 +297,15 @@ def _paged_kernel(
 
     ki = tl.arange(0, K_DP)
     vi = tl.arange(0, V_DP)
-    q0 = _q_field(q_ptr, q_off, rows_ok, had, ki, 0, K_PER, D, K_ROT, qscale)
+    q0 = _q_field(q_ptr, q_off, rows_ok, ki, 0, K_PER, qscale)
     q1 = q0  # placeholders for fields a width does not have (never read)
     q2 = q0
     q3 = q0
     if K_PER > 1:
-        q1 = _q_field(q_ptr, q_off, rows_ok, had, ki, 1, K_PER, D, K_ROT, qscale)
+        q1 = _q_field(q_ptr, q_off, rows_ok, ki, 1, K_PER, qscale)
     if K_PER > 2:
-        q2 = _q_field(q_ptr, q_off, rows_ok, had, ki, 2, K_PER, D, K_ROT, qscale)
-        q3 = _q_field(q_ptr, q_off, rows_ok, had, ki, 3, K_PER, D, K_ROT, qscale)
+        q2 = _q_field(q_ptr, q_off, rows_ok, ki, 2, K_PER, qscale)
+        q3 = _q_field(q_ptr, q_off, rows_ok, ki, 3, K_PER, qscale)
     k_off = tl.load(offsets + h * 4 + tl.arange(0, 4))
     v_off = tl.load(offsets + (num_kv_heads + h) * 4 + tl.arange(0, 4))
     # every field offset is a multiple of 16 bytes (PageLayout checks): lets loads be vectorized
@@ -493,21 +487,27 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
     v_static = tables.v_static if tables.v_static is not None else q.new_zeros(1, dtype=torch.float32)
     had = tables.hadamard if tables.hadamard is not None else q.new_zeros(1, dtype=torch.float32)
     row_seq, row_tok0, row_ntok = rows if rows is not None else (q_tile, q_tile, q_tile)
+    # the query is rotated once here (one small matmul), not in each program: an fp32 [M, D] x [D, D]
+    # dot in the kernel's prologue spilled ~3 KB of registers per thread (ptxas -v, sm_90)
+    q_rot = None
+    if any(_flags(fmt.k, grp.k_bits)[1] for grp in tables.groups):
+        q_rot = torch.matmul(q.float(), tables.hadamard)
     for grp in tables.groups:
         k_fp8, k_rot = _flags(fmt.k, grp.k_bits)
+        qk = q_rot if k_rot else q
         v_fp8, v_rot = _flags(fmt.v, grp.v_bits)
         k_scaled = grp.k_bits != FP16_BITS and not k_fp8
         v_scaled = grp.v_bits != FP16_BITS and not v_fp8
         v_norm = 0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0)
         grid = (n_rows, len(grp.heads), splits)
         _paged_kernel[grid](
-            q, q.stride(0), q.stride(1), ws_o, ws_lse, ws_o.stride(0),
+            qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
             u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static, had,
             block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
             scale * LOG2E, h,
             HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
             ROWS_ARE_SEQS=rows is None,
-            K_BITS=grp.k_bits, K_FP8=k_fp8, K_ROT=k_rot, K_NORM=k_scaled and fmt.k.normalize == "tile",
+            K_BITS=grp.k_bits, K_FP8=k_fp8, K_NORM=k_scaled and fmt.k.normalize == "tile",
             V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile),
             num_warps=num_warps, num_stages=num_stages,
         )
