@@ -500,6 +500,8 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
         v_scaled = grp.v_bits != FP16_BITS and not v_fp8
         v_norm = 0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0)
         grid = (n_rows, len(grp.heads), splits)
+        # 4-bit-and-wider V fields spill at 4 warps (bench/kernels_ptxas.py, sm_90): give them 8
+        warps = num_warps if grp.v_bits < 4 else max(num_warps, 8)
         _paged_kernel[grid](
             qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
             u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static, had,
@@ -509,7 +511,7 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
             ROWS_ARE_SEQS=rows is None,
             K_BITS=grp.k_bits, K_FP8=k_fp8, K_NORM=k_scaled and fmt.k.normalize == "tile",
             V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile),
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=warps, num_stages=num_stages,
         )
 
 

@@ -1,0 +1,141 @@
+"""Registers and spills of kvarn's Triton kernels for the H200 (sm_90), compiled here: no GPU needed.
+
+Compiles ``_paged_kernel`` (decode) for each (K, V) head group of the benchmark formats and a few
+configurations, and ``_store_kernel``, with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``,
+then runs the ptxas that ships in the triton wheel with ``-v``. Spilled registers live in local
+memory (an HBM round trip per use): a decode kernel that spills cannot run near the bandwidth
+limit, so this is the first thing to read before spending device time.
+
+    python bench/kernels_ptxas.py [--json PATH] [--check]
+
+``--check`` exits 1 when a default decode configuration spills (tests/ops runs it).
+Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench/kernels_ptxas.py compiles kernels: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvarn.ops.decode import triton as dec  # noqa: E402
+from kvarn.ops.layout import PageLayout  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _signature(fn, consts: dict, pointers: dict, floats=()) -> ASTSource:
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in consts else pointers.get(name, "fp32" if name in floats else "i32")
+    return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+
+
+def ptxas_usage(kernel) -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        Path(src).write_text(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "stack_bytes": num(r"(\d+) bytes stack frame"),
+            "spill_store_bytes": num(r"(\d+) bytes spill stores"), "spill_load_bytes": num(r"(\d+) bytes spill loads")}
+
+
+DECODE_PTRS = {"q_ptr": "*fp32", "ws_o": "*fp32", "ws_lse": "*fp32", "u8": "*u8", "f16": "*fp16", "offsets": "*i32",
+               "heads": "*i32", "v_static": "*fp32", "had": "*fp32", "block_table": "*i32", "q_tile": "*i32",
+               "page_start": "*i32", "row_seq": "*i32", "row_tok0": "*i32", "row_ntok": "*i32"}
+
+
+def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2, cvt=2, prefetch=False):
+    """One row per (K, V) head group of ``layout`` at a decode configuration."""
+    rows = []
+    fmt = layout.fmt
+    for kb, vb, _ in layout.head_groups():
+        k_fp8, _ = dec._flags(fmt.k, kb)
+        v_fp8, _ = dec._flags(fmt.v, vb)
+        v_rot = dec._flags(fmt.v, vb)[1]
+        k_scaled, v_scaled = kb != 16 and not k_fp8, vb != 16 and not v_fp8
+        bt_ = bt or layout.tile
+        warps = num_warps if vb < 4 else max(num_warps, 8)  # as kvarn.ops.decode.triton launches it
+        consts = dict(HQ=group * layout.num_kv_heads, GROUP=group, TOKS=1, M=dec._m_rows(group), D=layout.head_dim,
+                      G=layout.tile, BT=bt_, ROWS_ARE_SEQS=True, K_BITS=kb, K_FP8=k_fp8,
+                      K_NORM=k_scaled and fmt.k.normalize == "tile", V_BITS=vb, V_FP8=v_fp8, V_ROT=v_rot,
+                      V_NORM=0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0), CVT=cvt,
+                      PREFETCH=bool(prefetch and bt_ == layout.tile))
+        kernel = triton.compile(_signature(dec._paged_kernel, consts, DECODE_PTRS, floats=("qscale",)), target=TARGET,
+                                options={"num_warps": warps, "num_stages": num_stages})
+        rows.append({"kernel": "decode", "k_bits": kb, "v_bits": vb, "bt": bt_, "num_warps": warps,
+                     "cvt": cvt, "prefetch": prefetch, **ptxas_usage(kernel)})
+    return rows
+
+
+def store_usage(layout: PageLayout, name: str):
+    from kvarn.ops.store import triton as st
+
+    meta = dict(st._tables(layout, torch.device("cpu")).meta)
+    ptrs = {"u8": "*u8", "f16": "*fp16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_ids": "*i32", "bits_tab": "*i32",
+            "offs_tab": "*i32", "had_ptr": "*fp32", "k_prior": "*fp32", "v_prior": "*fp32", "v_static": "*fp32",
+            "ratios_ptr": "*fp32"}
+    kernel = triton.compile(_signature(st._store_kernel, meta, ptrs), target=TARGET,
+                            options={"num_warps": st._num_warps(layout.tile, layout.head_dim), "num_stages": 1,
+                                     "enable_fp_fusion": False})
+    return [{"kernel": "store", "format": name, **ptxas_usage(kernel)}]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a default decode configuration spills")
+    ap.add_argument("--no-store", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernels_gpu import FORMATS  # the benchmark's formats (Llama-3.1-8B shape)
+
+    prior = torch.zeros(8, 128)
+    rows = []
+    for name, fmt in FORMATS.items():
+        lay = PageLayout(fmt, prior, prior)
+        for r in decode_usage(lay):
+            rows.append({"format": name, "default": True, **r})
+        if not args.check:
+            for cfg in (dict(prefetch=True), dict(cvt=1), dict(bt=64), dict(num_warps=8)):
+                for r in decode_usage(lay, **cfg):
+                    rows.append({"format": name, "default": False, **r})
+        if not args.no_store and not args.check:
+            rows.extend(store_usage(lay, name))
+    print("| kernel | format | K/V bits | config | registers | stack B | spill st/ld B |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        cfg = "" if r["kernel"] == "store" else f"bt {r['bt']}, {r['num_warps']} warps, cvt {r['cvt']}" + \
+            (", prefetch" if r.get("prefetch") else "")
+        bits = f"{r.get('k_bits', '')}/{r.get('v_bits', '')}" if r["kernel"] == "decode" else "all"
+        print(f"| {r['kernel']} | {r['format']} | {bits} | {cfg} | {r['registers']} | {r['stack_bytes']} | "
+              f"{r['spill_store_bytes']}/{r['spill_load_bytes']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.check:
+        bad = [r for r in rows if r["kernel"] == "decode" and r["default"] and r["stack_bytes"]]
+        if bad:
+            print(f"spilling default decode configurations: {bad}")
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
