@@ -7,6 +7,7 @@ through the same reference reader the runtime is checked against.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from .errors import KvarnError
-from .recipe import DEFAULT_NAME, ModelFingerprint, Recipe, read_header
+from .recipe import DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, legacy_hint, legacy_in_model_dir, read_header
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT = "wiki:second"
 DEFAULT_CALIB = "wiki-first-half"
@@ -30,9 +33,10 @@ def _model_shape(model):
 
 
 def default_recipe_path(model_spec: str | None) -> Path:
-    """Beside the checkpoint when the model is a directory, else in the working directory."""
+    """Beside the checkpoint when the model is a directory (``MODEL/kvarn/recipe.safetensors``, where
+    weight loaders do not look), else in the working directory."""
     if model_spec and Path(model_spec).is_dir():
-        return Path(model_spec) / DEFAULT_NAME
+        return in_model_dir(model_spec)
     return Path(DEFAULT_NAME)
 
 
@@ -41,13 +45,19 @@ EMBEDDED_RECIPE = SHIPPED_RECIPES / "smollm2-135m-instruct.safetensors"
 
 
 def find_recipe(model_spec: str | None) -> Path | None:
-    """The recipe that ships with a model: ``MODEL/kvarn_recipe.safetensors`` for a directory, the
-    one in ``recipes/`` for the embedded model; None if there is none."""
+    """The recipe that ships with a model: ``MODEL/kvarn/recipe.safetensors`` for a directory (or,
+    with a warning, the old top-level ``MODEL/kvarn_recipe.safetensors``), the one in ``recipes/``
+    for the embedded model; None if there is none."""
     from .models import EMBEDDED_MODEL
 
     if model_spec and Path(model_spec).is_dir():
-        p = Path(model_spec) / DEFAULT_NAME
-        return p if p.exists() else None
+        p = in_model_dir(model_spec)
+        if p.exists():
+            return p
+        old = legacy_in_model_dir(model_spec)
+        if old is not None:
+            logger.warning("kvarn: %s", legacy_hint(old))
+        return old
     if model_spec in (None, EMBEDDED_MODEL):
         return EMBEDDED_RECIPE if EMBEDDED_RECIPE.exists() else None
     return None

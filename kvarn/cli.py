@@ -31,7 +31,7 @@ def main():
 @main.command(epilog="""\b
 Examples:
   kvarn calibrate                              # embedded SmolLM2-135M, wiki-first-half, 3.0 bits
-  kvarn calibrate ./my-model --avg-bits 2.6    # recipe lands in ./my-model/kvarn_recipe.safetensors
+  kvarn calibrate ./my-model --avg-bits 2.6    # recipe lands in ./my-model/kvarn/recipe.safetensors
   kvarn calibrate model.gguf --calib notes.txt --compression 5 -o r.safetensors
 """)
 @click.argument("model", required=False)
@@ -40,7 +40,7 @@ Examples:
 @click.option("--seq-len", type=int, default=None, help="Override the spec's window length (tokens).")
 @click.option("--avg-bits", type=float, default=None, help="Memory target: average stored bits per K/V element, scales included. [default: 3.0]")
 @click.option("--compression", type=float, default=None, help="Memory target as times fewer bytes than fp16 (alternative to --avg-bits).")
-@click.option("-o", "--output", default=None, metavar="PATH", help="Recipe path. [default: MODEL/kvarn_recipe.safetensors for a model directory, else ./kvarn_recipe.safetensors]")
+@click.option("-o", "--output", default=None, metavar="PATH", help="Recipe path. [default: MODEL/kvarn/recipe.safetensors for a model directory (weight loaders do not look there), else ./kvarn_recipe.safetensors]")
 @click.option("--tile", type=click.Choice(["64", "128"]), default="128", help="Tokens per quantized tile.")
 @click.option("--objective", type=click.Choice(["fisher", "mse"]), default="fisher", help="Allocation objective: loss-gradient-weighted or plain attention-output error.")
 @click.option("--k-normalize", type=click.Choice(["none", "tile"]), default="none", help="Keys: KVarN per-tile normalization (stores a per-token scale) or none.")
@@ -68,10 +68,10 @@ def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output,
 @main.command("eval", epilog="""\b
 Examples:
   kvarn eval --recipe kvarn_recipe.safetensors
-  kvarn eval ./my-model --recipe ./my-model/kvarn_recipe.safetensors --text heldout.txt --json
+  kvarn eval ./my-model --recipe ./my-model/kvarn/recipe.safetensors --text heldout.txt --json
 """)
 @click.argument("model", required=False)
-@click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn_recipe.safetensors, or recipes/ for the embedded model]")
+@click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn/recipe.safetensors, or recipes/ for the embedded model]")
 @click.option("--no-recipe", is_flag=True, help="Compare the baselines only.")
 @click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
 @click.option("--num-windows", type=int, default=8, show_default=True)

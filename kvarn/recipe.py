@@ -32,7 +32,37 @@ from .quant.scheme import CacheScheme
 
 FORMAT = "kvarn-recipe"
 FORMAT_VERSION = "1.0"
-DEFAULT_NAME = "kvarn_recipe.safetensors"
+DEFAULT_NAME = "kvarn_recipe.safetensors"  # a recipe's file name outside a model folder
+# Inside a model folder the recipe lives in a subfolder: vLLM's loader takes every top-level
+# *.safetensors of a local folder as weights (a recipe there breaks plain `LLM(dir)`), and neither
+# it nor transformers reads subfolders.
+MODEL_DIR_RECIPE = Path("kvarn") / "recipe.safetensors"
+
+
+def in_model_dir(model_dir: str | os.PathLike) -> Path:
+    """Where a model folder's recipe lives: ``MODEL/kvarn/recipe.safetensors``."""
+    return Path(model_dir) / MODEL_DIR_RECIPE
+
+
+def legacy_in_model_dir(model_dir: str | os.PathLike) -> Path | None:
+    """``MODEL/kvarn_recipe.safetensors`` (where kvarn 0.1 wrote recipes) when it is a kvarn recipe."""
+    p = Path(model_dir) / DEFAULT_NAME
+    if not p.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return p if (f.metadata() or {}).get("format") == FORMAT else None
+    except Exception:  # noqa: BLE001 - not readable as safetensors: not ours to talk about
+        return None
+
+
+def legacy_hint(path: Path) -> str:
+    """One line: why a recipe at a model folder's top level breaks loading, and the move that fixes it."""
+    new = path.parent / MODEL_DIR_RECIPE
+    return (f"{path}: a kvarn recipe at the top of a model folder is taken for weights by vLLM's loader; "
+            f"move it with `mkdir -p {new.parent} && mv {path} {new}` (kvarn finds it there)")
 
 
 def _kvarn_version() -> str:
@@ -162,7 +192,7 @@ class Recipe:
 
         path = Path(path)
         if path.is_dir():
-            path = path / DEFAULT_NAME
+            path = in_model_dir(path) if (path / "config.json").is_file() else path / DEFAULT_NAME
         tensors = {}
         for l in range(self.num_layers):
             for kind in "kv":
@@ -204,7 +234,7 @@ def _read(path, with_tensors: bool):
 
     p = Path(path)
     if p.is_dir():
-        p = p / DEFAULT_NAME
+        p = in_model_dir(p) if in_model_dir(p).is_file() or not (p / DEFAULT_NAME).exists() else p / DEFAULT_NAME
     if not p.exists():
         raise _fail(p, "no such recipe file", "make one with `kvarn calibrate MODEL` (or pass --recipe PATH)")
     if p.stat().st_size < 8:

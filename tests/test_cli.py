@@ -99,11 +99,22 @@ def test_unsupported_head_dim_and_mixed_attention_models(tmp_path, smollm):
                  layer_types=["full_attention", "sliding_attention"])
     res = run("calibrate", mixed, "--calib", "wiki:first", "--num-samples", 1, "--seq-len", 300, "--avg-bits", 3.0, "--json")
     assert res.exit_code == 0, res.output
-    assert (mixed / "kvarn_recipe.safetensors").exists()  # lands beside the checkpoint
-    res = run("eval", mixed, "--recipe", mixed / "kvarn_recipe.safetensors", "--num-windows", 1, "--seq-len", 300, "--methods", "kivi-2", "--json")
+    # beside the checkpoint, in a subfolder that weight loaders do not read
+    assert (mixed / "kvarn" / "recipe.safetensors").exists() and not (mixed / "kvarn_recipe.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(mixed)  # the folder still loads as a plain checkpoint
+    res = run("eval", mixed, "--num-windows", 1, "--seq-len", 300, "--methods", "kivi-2", "--json")  # recipe found
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["fp16", "recipe", "kivi-2"], rows
     assert all(r["ppl"] == r["ppl"] for r in rows)  # no NaN through sliding-window masks
+    # a recipe where kvarn 0.1 put it (top level) still loads, through --recipe and as the default
+    (mixed / "kvarn" / "recipe.safetensors").rename(mixed / "kvarn_recipe.safetensors")
+    res = run("eval", mixed, "--recipe", mixed / "kvarn_recipe.safetensors", "--num-windows", 1, "--seq-len", 300,
+              "--methods", "kivi-2", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["results"][1]["method"].startswith("recipe"), res.stdout
 
     hd80 = make("hd80", head_dim=80)
     assert_fails(run("calibrate", hd80, "--calib", "wiki:first", "--num-samples", 1, "--seq-len", 300), "head_dim=80")

