@@ -103,3 +103,52 @@ def test_model_cache_agrees_with_reference_and_generates(smollm, small_recipe):
     with torch.no_grad(), attached(model, SchemeAttention(recipe.to_scheme())):
         teacher = model(out[:, :-1]).logits[0, 299:].argmax(-1)
     assert (teacher == new).float().mean() >= 0.9
+
+
+def test_held_memory_is_packed_and_matches_the_prediction():
+    """With the shipped 3-bit SmolLM2 recipe at 4k tokens: the tensors the cache holds are the page
+    records plus the fp16 first tile and tail, their bytes are what ``nbytes`` and the prediction
+    from ``bytes_per_token`` say, and below 1/4 of an fp16 cache."""
+    from pathlib import Path
+
+    from kvarn.quant.formats import fp16_bytes_per_token
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-instruct.safetensors"
+    cache = KVarNCache(path)
+    g = torch.Generator().manual_seed(3)
+    t = 0
+    for n in [4000, 1, 1, 94]:  # the 4096th token arrives in a chunk: tiles it completes wait for the next
+        for layer in cache.layers:
+            h, d = layer.fmt.num_kv_heads, layer.fmt.head_dim
+            layer.update(torch.randn(1, h, n, d, generator=g), torch.randn(1, h, n, d, generator=g))
+        t += n
+    held = sum(x.numel() * x.element_size() for layer in cache.layers for x in layer.held_tensors())
+    assert held == cache.nbytes(), (held, cache.nbytes())
+    predicted = cache.predicted_nbytes(1, t)
+    assert abs(held - predicted) <= 0.05 * predicted, (held, predicted)
+    fp16 = t * sum(fp16_bytes_per_token(l.fmt.num_kv_heads, l.fmt.head_dim) for l in cache.layers)
+    assert held < fp16 / 4, f"{held / 2**20:.1f} MiB held vs {fp16 / 2**20:.1f} MiB for fp16"
+    assert all(x.dtype in (torch.uint8, torch.float16) for layer in cache.layers for x in layer.held_tensors())
+
+
+def test_padded_batch_is_refused_and_the_hook_goes_when_the_cache_is_done(smollm, small_recipe):
+    from kvarn.errors import KvarnError
+
+    path, _, _ = small_recipe
+    model = smollm.model
+    ids = torch.randint(5, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    cache = KVarNCache(path, model)
+    with pytest.raises(KvarnError) as ei:
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    assert "padded" in str(ei.value) and "\n" not in str(ei.value)
+    uninstall(model)
+    cache = KVarNCache(path, model)  # installs the hook
+    model.generate(ids[:1], past_key_values=cache, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        plain = model(ids[:1]).logits  # no cache given: the kvarn cache is done, the model is itself again
+    assert model.config._attn_implementation != "kvarn"
+    with torch.no_grad():
+        want = model(ids[:1]).logits
+    torch.testing.assert_close(plain, want)

@@ -1,9 +1,11 @@
 """``KVarNCache``: a transformers ``Cache`` that stores K/V the way a recipe says.
 
 Per layer: the first tile (if the recipe keeps it) and the open tail in fp16, every completed tile
-encoded (Hadamard, normalization, RTN, packed codes + fp16 scales) by ``kvarn.quant.codec``.
-A tile is encoded when the first token *after* it arrives, so a prefill chunk that ends exactly on
-a tile boundary still reads its own tile in fp16, as the runtime rule says.
+as a page record (Hadamard, normalization, RTN, packed codes + fp16 scales; the layout the vLLM
+backend uses, written by the same store op). Nothing else is kept between steps: attention reads a
+read view dequantized for the call. A tile is encoded when the first token *after* it arrives, so a
+prefill chunk that ends exactly on a tile boundary still reads its own tile in fp16, as the runtime
+rule says.
 
 Passing ``model`` also routes the model's attention through kvarn (``kvarn.model_hook``), so that
 a multi-token chunk spanning several tiles reads, for every query, completed tiles quantized and
@@ -11,11 +13,15 @@ its own tile in fp16 — exactly what token-by-token decoding would see and what
 measures. Without it, single-token decoding is still exact; multi-token prefill reads its own new
 tokens in fp16. This is the reference runtime the vLLM backend and GPU kernels are checked against.
 
-Departures: batch rows must share one length (no padding), and cropping/beam reordering are not
-supported (a ``NotImplementedError`` says so).
+Departures: batch rows must share one length (a padded batch is refused in one line when the
+model is routed through kvarn), and cropping/beam reordering are not supported (a
+``NotImplementedError`` says so). When the model later runs with another cache (a plain
+``generate()``), the hook removes itself and the model attends as before.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -30,10 +36,11 @@ from ..recipe import Recipe
 
 
 class KVarNLayer(DynamicLayer):
-    """One layer's cache. ``self.keys``/``self.values`` hold the *read view* ``[B, H, T, D]``
-    (decoded tiles + fp16 first tile and tail): a decode memo so tiles are decoded once, not per
-    step. The stored form: ``tiles``, one page record per completed tile and batch row, laid out
-    by ``kvarn.ops.layout.PageLayout`` and written by the store op (as the vLLM backend does)."""
+    """One layer's cache. What it holds: ``tiles`` — completed tiles as page records (packed codes +
+    fp16 scales, ``kvarn.ops.layout.PageLayout``, written by the store op as the vLLM backend writes
+    them), ``first`` — the fp16 first tile (when the recipe keeps it) and ``tail`` — the fp16 tokens
+    after the last encoded tile. ``update`` returns a *transient* read view ``[B, H, T, D]``
+    (tiles dequantized for this call, not kept), so memory is what ``nbytes`` counts."""
 
     is_croppable = False
 
@@ -44,7 +51,10 @@ class KVarNLayer(DynamicLayer):
         self.k_log_std, self.v_log_std = k_log_std, v_log_std
         self.layout = PageLayout(fmt, k_log_std, v_log_std)
         self.tiles: list[torch.Tensor] = []  # per completed tile: records [B, layout.nbytes] uint8
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # fp16 [B, H, G, D] K and V
+        self.tail: tuple[torch.Tensor, torch.Tensor] | None = None  # fp16 [B, H, n, D] K and V
         self.length = 0
+        self._view = None  # the keys tensor last returned by update (see KVarNCache.attend)
 
     # -- storage ----------------------------------------------------------------------------------
     @property
@@ -54,49 +64,80 @@ class KVarNLayer(DynamicLayer):
         return start + len(self.tiles) * self.fmt.tile
 
     def _flush(self) -> None:
-        """Encode every completed tile still in the fp16 tail (the store op: one record per row)."""
+        """Move completed tiles out of the fp16 tail: the first into ``first`` (if kept), the others
+        encoded into records (the store op, all of them in one call)."""
         g = self.fmt.tile
-        while self.length - self.stored_end >= g:
-            s = self.stored_end
-            k = self.keys[:, :, s : s + g]  # [B, H, G, D], fp16-exact float32
-            v = self.values[:, :, s : s + g]
-            rec = torch.empty(k.shape[0], self.layout.nbytes, dtype=torch.uint8, device=k.device)
-            store_tiles(self.layout, rec, k, v, torch.arange(k.shape[0], device=k.device))
-            self.tiles.append(rec)
-            k_hat, v_hat = self.layout.decode(rec)  # [H, B, G, D]
-            self.keys[:, :, s : s + g] = k_hat.transpose(0, 1).to(self.keys.dtype)
-            self.values[:, :, s : s + g] = v_hat.transpose(0, 1).to(self.values.dtype)
+        tk, tv = self.tail
+        if self.keep_first_tile and self.first is None and self.length >= g:
+            self.first = (tk[:, :, :g].clone(), tv[:, :, :g].clone())
+            tk, tv = tk[:, :, g:], tv[:, :, g:]
+        n = tk.shape[2] // g
+        if n:
+            b, h, _, d = tk.shape
+            k = tk[:, :, : n * g].reshape(b, h, n, g, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, g, d)
+            v = tv[:, :, : n * g].reshape(b, h, n, g, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, g, d)
+            rec = torch.empty(n * b, self.layout.nbytes, dtype=torch.uint8, device=tk.device)
+            store_tiles(self.layout, rec, k, v, torch.arange(n * b, device=tk.device))
+            self.tiles.extend(rec.reshape(n, b, -1).unbind(0))
+            tk, tv = tk[:, :, n * g:], tv[:, :, n * g:]
+        self.tail = (tk.clone(), tv.clone())  # a copy: the views would keep the whole old buffer alive
+
+    def _read_view(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[B, H, T, D]``: first tile, decoded tiles, tail (transient)."""
+        ks, vs = [], []
+        if self.first is not None:
+            ks.append(self.first[0])
+            vs.append(self.first[1])
+        if self.tiles:
+            n, (b, _) = len(self.tiles), self.tiles[0].shape
+            k_hat, v_hat = self.layout.decode(torch.cat(self.tiles))  # [H, n*B, G, D]
+            h, _, g, d = k_hat.shape
+            ks.append(k_hat.reshape(h, n, b, g, d).permute(2, 0, 1, 3, 4).reshape(b, h, n * g, d))
+            vs.append(v_hat.reshape(h, n, b, g, d).permute(2, 0, 1, 3, 4).reshape(b, h, n * g, d))
+        ks.append(self.tail[0])
+        vs.append(self.tail[1])
+        return torch.cat([x.to(dtype) for x in ks], 2), torch.cat([x.to(dtype) for x in vs], 2)
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
         self.device = key_states.device
         b, h, _, d = key_states.shape
         if h != self.fmt.num_kv_heads or d != self.fmt.head_dim:
             raise KvarnError(f"KVarNCache: layer gets {h} KV heads of dim {d}, recipe says {self.fmt.num_kv_heads} of {self.fmt.head_dim}")
-        self.keys = key_states.new_zeros(b, h, 0, d, dtype=torch.float32)
-        self.values = value_states.new_zeros(b, h, 0, d, dtype=torch.float32)
+        empty = key_states.new_zeros(b, h, 0, d, dtype=torch.float16)
+        self.tail = (empty, empty.clone())
+        self.keys = self.values = empty  # transformers' DynamicLayer fields: the stored form is above
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # Tiles completed by earlier calls are encoded now that a later token has arrived.
+        if key_states.shape[0] != self.tail[0].shape[0]:
+            raise KvarnError(f"KVarNCache: a step brought {key_states.shape[0]} rows, the cache holds "
+                             f"{self.tail[0].shape[0]}; use one KVarNCache per generate() call")
+        # Tiles completed by earlier calls are stored now that a later token has arrived.
         self._flush()
-        self.keys = torch.cat([self.keys, key_states.float().half().float()], dim=-2)
-        self.values = torch.cat([self.values, value_states.float().half().float()], dim=-2)
-        self.length = self.keys.shape[-2]
-        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
+        # an engine caches fp16/bf16 keys: the fp16 values are what the tail holds and tiles encode
+        self.tail = (torch.cat([self.tail[0], key_states.to(torch.float32).half()], 2),
+                     torch.cat([self.tail[1], value_states.to(torch.float32).half()], 2))
+        self.length += key_states.shape[2]
+        k, v = self._read_view(key_states.dtype)
+        self._view = k
+        return k, v
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.length if self.is_initialized else 0
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds between steps (what ``nbytes`` counts)."""
+        out = list(self.tiles)
+        for pair in (self.first, self.tail):
+            if pair is not None:
+                out.extend(pair)
+        return out
+
     def nbytes(self) -> int:
         """Bytes actually stored: encoded tiles + fp16 first tile and tail."""
-        if not self.is_initialized:
-            return 0
-        encoded = sum(rec.numel() for rec in self.tiles)
-        b, h, _, d = self.keys.shape
-        fp16_tokens = self.length - len(self.tiles) * self.fmt.tile
-        return encoded + 2 * b * h * d * 2 * fp16_tokens
+        return sum(t.numel() * t.element_size() for t in self.held_tensors()) if self.is_initialized else 0
 
     def crop(self, *args, **kwargs):
         raise NotImplementedError("KVarNCache cannot crop: encoded tiles cannot be partially removed")
@@ -119,6 +160,13 @@ class KVarNLayer(DynamicLayer):
         """
         t = k.shape[-2]
         g = self.fmt.tile
+        if bias is not None:  # a query's own key is never masked unless it is a padding token
+            tq = q.shape[-2]
+            own = bias[..., torch.arange(tq, device=bias.device), torch.arange(t - tq, t, device=bias.device)]
+            if (own.float() < -1e4).any():
+                raise KvarnError("KVarNCache: the batch is padded (a token's own key is masked), which a tiled cache "
+                                 "would quantize together with the padding; generate prompts of one length or one "
+                                 "at a time")
         s = self.stored_end
         k_hat, v_hat = k.float().clone(), v.float().clone()
         n = max(0, (t - s) // g)
@@ -147,13 +195,24 @@ class KVarNCache(Cache):
         self.recipe = r
         layers = [KVarNLayer(f, r.keep_first_tile, r.k_log_std[i], r.v_log_std[i]) for i, f in enumerate(r.layer_formats())]
         super().__init__(layers=layers)
+        self._model = weakref.ref(model) if model is not None else None
         if model is not None:
             from ..model_hook import install
 
             install(model, self)
 
     def attend(self, layer_idx, q, k, v, bias, scaling):
-        return self.layers[layer_idx].attend(q, k, v, bias, scaling)
+        layer = self.layers[layer_idx]
+        if layer._view is not k:
+            # the model runs with another cache (a later plain generate()): this one is finished, so
+            # hand the model its own attention back and read exactly
+            model = self._model() if self._model is not None else None
+            if model is not None:
+                from ..model_hook import uninstall
+
+                uninstall(model)
+            return mixed_attention(q, k, v, None, None, None, bias, scaling)
+        return layer.attend(q, k, v, bias, scaling)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -92,7 +92,7 @@ def register() -> None:
 # ---------------------------------------------------------------------------------------------
 def resolve_recipe(flag_or_config: str | None, model: str, revision: str | None = None) -> str:
     """The recipe spec to use: given value, else ``<model dir>/kvarn/recipe.safetensors``."""
-    from ..recipe import DEFAULT_NAME, MODEL_DIR_RECIPE, in_model_dir
+    from ..recipe import MODEL_DIR_RECIPE, in_model_dir
 
     if flag_or_config:
         return str(flag_or_config)
