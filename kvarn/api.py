@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from .errors import KvarnError
-from .recipe import DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, legacy_hint, legacy_in_model_dir, read_header
+from .outputs import check_output, is_png
+from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
+                     legacy_in_model_dir, output_path, read_header)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def calibrate(
     seq_len: int | None = None, avg_bits: float | None = None, compression: float | None = None,
     output: str | os.PathLike | None = None, tile: int = 128, keep_first_tile: bool = True,
     objective: str = "fisher", k_normalize: str = "none", v_normalize: str = "static",
-    clip: bool = True, seed: int = 0, progress: bool = True, loaded=None,
+    clip: bool = True, seed: int = 0, progress: bool = True, loaded=None, overwrite: bool = False,
 ) -> tuple[Recipe, CalibrationReport]:
     """Calibrate ``model`` on a calibration set and write a recipe.
 
@@ -100,6 +102,9 @@ def calibrate(
     from .stats import compute_stats
 
     t0 = time.time()
+    # before any model loads: where the recipe goes (nothing kvarn did not write is replaced)
+    out_path = check_output(output_path(output or default_recipe_path(model)), flag="-o/--output",
+                            what="kvarn recipe", is_ours=is_recipe_file, overwrite=overwrite)
     if avg_bits is not None and compression is not None:
         raise KvarnError("--avg-bits and --compression both given; pass one memory target")
     if compression is not None:
@@ -141,7 +146,7 @@ def calibrate(
                      "objective": objective},
         budget=budget, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), seed=seed,
     )
-    path = recipe.save(output or default_recipe_path(model))
+    path = recipe.save(out_path)
     report = CalibrationReport(
         recipe_path=str(path), model_id=lm.model_id, calibration=recipe.calibration, budget=budget,
         bits_per_element=recipe.bits_per_element(), compression=recipe.compression(),
@@ -276,8 +281,10 @@ def format_eval_table(report: EvalReport) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None) -> dict:
+def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Summarise a recipe; with ``plot``, write a PNG heatmap of bits per layer and head."""
+    if plot is not None:
+        plot = check_output(plot, flag="--plot", what="PNG", is_ours=is_png, overwrite=overwrite)
     header = read_header(recipe)
     r = Recipe.load(recipe)
     per_layer = r.bytes_per_token()

@@ -44,18 +44,33 @@ def in_model_dir(model_dir: str | os.PathLike) -> Path:
     return Path(model_dir) / MODEL_DIR_RECIPE
 
 
-def legacy_in_model_dir(model_dir: str | os.PathLike) -> Path | None:
-    """``MODEL/kvarn_recipe.safetensors`` (where kvarn 0.1 wrote recipes) when it is a kvarn recipe."""
-    p = Path(model_dir) / DEFAULT_NAME
+def is_recipe_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose metadata says it is a kvarn recipe (header only)."""
+    p = Path(path)
     if not p.is_file():
-        return None
+        return False
     try:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
-            return p if (f.metadata() or {}).get("format") == FORMAT else None
-    except Exception:  # noqa: BLE001 - not readable as safetensors: not ours to talk about
-        return None
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - not readable as safetensors: not a recipe
+        return False
+
+
+def legacy_in_model_dir(model_dir: str | os.PathLike) -> Path | None:
+    """``MODEL/kvarn_recipe.safetensors`` (where kvarn 0.1 wrote recipes) when it is a kvarn recipe."""
+    p = Path(model_dir) / DEFAULT_NAME
+    return p if is_recipe_file(p) else None
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """Where ``Recipe.save(path)`` writes: a folder means its recipe file (a model folder's
+    ``kvarn/recipe.safetensors``, else ``DEFAULT_NAME`` in it)."""
+    path = Path(path)
+    if path.is_dir():
+        return in_model_dir(path) if (path / "config.json").is_file() else path / DEFAULT_NAME
+    return path
 
 
 def legacy_hint(path: Path) -> str:
@@ -190,9 +205,7 @@ class Recipe:
         """Write atomically (temp file in the same directory, then rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.is_dir():
-            path = in_model_dir(path) if (path / "config.json").is_file() else path / DEFAULT_NAME
+        path = output_path(path)
         tensors = {}
         for l in range(self.num_layers):
             for kind in "kv":

@@ -118,3 +118,51 @@ def test_unsupported_head_dim_and_mixed_attention_models(tmp_path, smollm):
 
     hd80 = make("hd80", head_dim=80)
     assert_fails(run("calibrate", hd80, "--calib", "wiki:first", "--num-samples", 1, "--seq-len", 300), "head_dim=80")
+
+
+def test_outputs_never_replace_what_kvarn_did_not_write(tmp_path):
+    """-o and --plot are checked before any model loads (a model that does not exist would fail
+    later, so its error must not be the one seen) and replace only kvarn's own files."""
+    import os
+    import stat
+
+    from kvarn.outputs import check_output
+    from kvarn.recipe import is_recipe_file
+
+    nope = str(tmp_path / "no-such-model")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\x00" * 64)
+    before = weights.read_bytes()
+    for extra in ((), ("--overwrite",)):  # a model's weights: never, not even with --overwrite
+        assert_fails(run("calibrate", nope, "-o", weights, *extra), "model.safetensors", "weights")
+    assert weights.read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert_fails(run("calibrate", nope, "-o", notes), "notes.txt", "--overwrite")
+    assert notes.read_text() == "mine"
+    assert check_output(notes, flag="-o", what="kvarn recipe", is_ours=is_recipe_file, overwrite=True) == notes
+    if os.path.exists("/dev/full"):  # a device stays a device, even for root and --overwrite
+        assert_fails(run("calibrate", nope, "-o", "/dev/full", "--overwrite"), "/dev/full", "regular file")
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_fails(run("calibrate", nope, "-o", afile / "r.safetensors"), "afile", "not a folder")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK) or os.geteuid() != 0:  # root may write anyway: then nothing to check
+            assert_fails(run("calibrate", nope, "-o", ro / "r.safetensors"), "ro", "writable")
+    finally:
+        ro.chmod(0o700)
+    if os.path.isdir("/proc/self"):
+        assert_fails(run("calibrate", nope, "-o", "/proc/self/kvarn.safetensors"), "/proc/self", "writable")
+    # the recipe kvarn wrote may be replaced; --plot refuses a folder and a non-PNG
+    recipe = make_recipe(tiny_config()).save(tmp_path / "r.safetensors")
+    assert check_output(recipe, flag="-o", what="kvarn recipe", is_ours=is_recipe_file) == recipe
+    assert_fails(run("inspect", recipe, "--plot", tmp_path), str(tmp_path), "folder")
+    assert_fails(run("inspect", recipe, "--plot", notes), "notes.txt", "--overwrite")
+    res = run("inspect", recipe, "--plot", tmp_path / "bits.png")
+    assert res.exit_code == 0, res.output
+    res = run("inspect", recipe, "--plot", tmp_path / "bits.png")  # our own PNG: replaced
+    assert res.exit_code == 0, res.output
