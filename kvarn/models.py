@@ -12,8 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import contextlib
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +134,60 @@ def _load_dir(path: Path | str, dtype: torch.dtype, **kwargs):
     return model, tokenizer
 
 
+_WORK_SUFFIX = ".tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_work(parent: Path) -> list[Path]:
+    """Remove work folders (``.NAME.pPID.*.tmp``) left in ``parent`` by processes that are gone
+    (killed with SIGKILL, or a power cut: no ``finally`` ran); returns what was removed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for d in parent.glob(f".*.p*{_WORK_SUFFIX}"):
+        try:
+            pid = int(d.name.split(".p", 1)[1].split(".", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if d.is_dir() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+@contextlib.contextmanager
+def work_folder(parent: Path, name: str):
+    """A temporary folder in ``parent`` that is removed on any exit: errors, Ctrl-C and SIGTERM
+    (turned into SystemExit while the folder exists, in the main thread); what a SIGKILL leaves
+    behind is swept by the next ``sweep_stale_work`` (the folder's name carries its PID)."""
+    sweep_stale_work(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.p{os.getpid()}.", suffix=_WORK_SUFFIX, dir=parent))
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield tmp
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize ``path`` with transformers and save it as a float32 model folder at ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,33 +220,35 @@ def _convert_gguf(path: Path, target: Path) -> None:
         raise KvarnError(
             f"cache folder {parent}: cannot create it ({e.strerror or e}); set KVARN_CACHE to a writable folder"
         ) from e
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kvarn_cache.json").write_text(
-            json.dumps(
-                {"format": _CACHE_FORMAT, "gguf": str(path), "size": path.stat().st_size},
-                indent=1,
-            )
-            + "\n",
-            encoding="utf-8",
-        )
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # another process finished the same conversion first: keep theirs
-            if not (target / "kvarn_cache.json").is_file():
-                raise
+        with work_folder(parent, target.name) as tmp:
+            _save_converted(model, tokenizer, path, tmp, target)
     except OSError as e:
         raise KvarnError(
             f"cache folder {parent}: cannot write the converted model ({e.strerror or e}); "
             "free some disk space or set KVARN_CACHE to a writable folder"
         ) from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_converted(model, tokenizer, path: Path, tmp: Path, target: Path) -> None:
+    """Write the converted folder into ``tmp`` and rename it to ``target`` (atomic)."""
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kvarn_cache.json").write_text(
+        json.dumps(
+            {"format": _CACHE_FORMAT, "gguf": str(path), "size": path.stat().st_size},
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    os.chmod(tmp, 0o755)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # another process finished the same conversion first: keep theirs
+        if not (target / "kvarn_cache.json").is_file():
+            raise
 
 
 def gguf_cache_path(path: Path) -> Path:

@@ -204,3 +204,35 @@ def test_bad_dtype_and_device():
     with pytest.raises(KvarnError) as ei:
         load_model(device="notadevice")
     _one_line(ei, "notadevice")
+
+
+def test_work_folder_is_removed_on_sigterm_and_swept_after_sigkill(tmp_path):
+    """The GGUF conversion writes into a work folder: SIGTERM removes it; one left by a SIGKILLed
+    process is swept by the next run (its name carries the dead PID); a live process's is kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pathlib import Path
+
+    from kvarn.models import sweep_stale_work
+
+    code = ("import sys, time; from pathlib import Path; from kvarn.models import work_folder\n"
+            "with work_folder(Path(sys.argv[1]), 'model') as d:\n"
+            "    print(d, flush=True); time.sleep(60)\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        work = proc.stdout.readline().strip()
+        assert os.path.isdir(work), work
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        if sig == signal.SIGTERM:
+            assert not os.path.exists(work), "SIGTERM left the work folder"
+        else:
+            assert os.path.isdir(work)  # nothing runs after SIGKILL ...
+            live = tmp_path / f".other.p{os.getpid()}.x.tmp"  # ... a live process's folder stays
+            live.mkdir()
+            assert sweep_stale_work(tmp_path) == [Path(work)] and live.is_dir()
+            assert not os.path.exists(work)
