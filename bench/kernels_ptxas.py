@@ -67,19 +67,12 @@ DECODE_PTRS = {"q_ptr": "*fp32", "ws_o": "*fp32", "ws_lse": "*fp32", "u8": "*u8"
 def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2, cvt=2, prefetch=False):
     """One row per (K, V) head group of ``layout`` at a decode configuration."""
     rows = []
-    fmt = layout.fmt
     for kb, vb, _ in layout.head_groups():
-        k_fp8, _ = dec._flags(fmt.k, kb)
-        v_fp8, _ = dec._flags(fmt.v, vb)
-        v_rot = dec._flags(fmt.v, vb)[1]
-        k_scaled, v_scaled = kb != 16 and not k_fp8, vb != 16 and not v_fp8
+        group_consts, warps, _ = dec.group_launch(layout, kb, vb, num_warps)  # as the decode op launches it
         bt_ = bt or layout.tile
-        warps = num_warps if vb < 4 else max(num_warps, 8)  # as kvarn.ops.decode.triton launches it
         consts = dict(HQ=group * layout.num_kv_heads, GROUP=group, TOKS=1, M=dec._m_rows(group), D=layout.head_dim,
-                      G=layout.tile, BT=bt_, ROWS_ARE_SEQS=True, K_BITS=kb, K_FP8=k_fp8,
-                      K_NORM=k_scaled and fmt.k.normalize == "tile", V_BITS=vb, V_FP8=v_fp8, V_ROT=v_rot,
-                      V_NORM=0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0), CVT=cvt,
-                      PREFETCH=bool(prefetch and bt_ == layout.tile))
+                      G=layout.tile, BT=bt_, ROWS_ARE_SEQS=True, CVT=cvt,
+                      PREFETCH=bool(prefetch and bt_ == layout.tile), **group_consts)
         kernel = triton.compile(_signature(dec._paged_kernel, consts, DECODE_PTRS, floats=("qscale",)), target=TARGET,
                                 options={"num_warps": warps, "num_stages": num_stages})
         rows.append({"kernel": "decode", "k_bits": kb, "v_bits": vb, "bt": bt_, "num_warps": warps,

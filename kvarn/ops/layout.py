@@ -58,6 +58,22 @@ def head_fields(tf: TensorFormat, bits: int, tile: int, head_dim: int) -> tuple:
 
 
 @dataclass(frozen=True)
+class StoredForm:
+    """How one head's K or V sits in a page: raw fp16, raw fp8, or RTN codes with scales; and
+    whether its values are in the rotated (Hadamard) basis."""
+
+    fp8: bool
+    scaled: bool
+    rotated: bool
+
+
+def stored_form(tf: TensorFormat, bits: int) -> StoredForm:
+    fp8 = tf.codec == "fp8" and bits != FP16_BITS
+    scaled = bits != FP16_BITS and not fp8
+    return StoredForm(fp8, scaled, tf.hadamard and scaled)
+
+
+@dataclass(frozen=True)
 class HeadGroup:
     """KV heads of one layer whose K and V are stored alike (one kernel specialisation)."""
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ...quant.formats import FP16_BITS
 from ...quant.hadamard import hadamard_matrix
-from ..layout import PageLayout
+from ..layout import PageLayout, stored_form
 
 NEG_INF = float("-inf")
 
@@ -57,8 +56,8 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
     o = torch.zeros(t_all, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((t_all, hq), NEG_INF, dtype=torch.float32, device=q.device)
     had = hadamard_matrix(d, torch.float32, q.device)
-    k_rot = [layout.fmt.k.hadamard and b != FP16_BITS and layout.fmt.k.codec != "fp8" for b in layout.fmt.k.bits]
-    v_rot = [layout.fmt.v.hadamard and b != FP16_BITS and layout.fmt.v.codec != "fp8" for b in layout.fmt.v.bits]
+    k_rot = [stored_form(layout.fmt.k, b).rotated for b in layout.fmt.k.bits]
+    v_rot = [stored_form(layout.fmt.v, b).rotated for b in layout.fmt.v.bits]
     rows_k = torch.tensor(k_rot, device=q.device).repeat_interleave(hq // h)
     rows_v = torch.tensor(v_rot, device=q.device).repeat_interleave(hq // h)
     for b in torch.unique(q_seq).tolist():

@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...quant.formats import FP16_BITS
-from ..layout import PageLayout
+from ..layout import PageLayout, stored_form
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -453,10 +452,17 @@ def _combine_kernel(ws_o, ws_lse, out, lse_out, T, HQ: tl.constexpr, D: tl.const
 
 
 # ---------------------------------------------------------------------------------------------
-def _flags(tf, bits: int) -> tuple[bool, bool]:
-    """(fp8, rotated) for one head's stored form."""
-    fp8 = tf.codec == "fp8" and bits != FP16_BITS
-    return fp8, tf.hadamard and bits != FP16_BITS and not fp8
+def group_launch(layout: PageLayout, k_bits: int, v_bits: int, num_warps: int) -> tuple[dict, int, bool]:
+    """The head-group constexprs of ``_paged_kernel``, its warp count, and whether its K is rotated
+    (then the kernel gets the rotated query). One place for the launch and ``bench/kernels_ptxas.py``."""
+    fmt = layout.fmt
+    kf, vf = stored_form(fmt.k, k_bits), stored_form(fmt.v, v_bits)
+    consts = dict(K_BITS=k_bits, K_FP8=kf.fp8, K_NORM=kf.scaled and fmt.k.normalize == "tile",
+                  V_BITS=v_bits, V_FP8=vf.fp8, V_ROT=vf.rotated,
+                  V_NORM={"tile": 1, "static": 2}.get(fmt.v.normalize, 0) if vf.scaled else 0)
+    # 4-bit-and-wider V fields spill at 4 warps (bench/kernels_ptxas.py, sm_90): give them 8
+    warps = num_warps if v_bits < 4 else max(num_warps, 8)
+    return consts, warps, kf.rotated
 
 
 def _m_rows(rows: int) -> int:
@@ -487,7 +493,6 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
                   toks, scale, splits, bt, num_warps, num_stages, cvt, prefetch=False):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
-    fmt = layout.fmt
     _, hq, d = q.shape
     h = layout.num_kv_heads
     group = hq // h
@@ -500,27 +505,18 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
     # the query is rotated once here (one small matmul), not in each program: an fp32 [M, D] x [D, D]
     # dot in the kernel's prologue spilled ~3 KB of registers per thread (ptxas -v, sm_90)
     q_rot = None
-    if any(_flags(fmt.k, grp.k_bits)[1] for grp in tables.groups):
+    launches = [(grp, *group_launch(layout, grp.k_bits, grp.v_bits, num_warps)) for grp in tables.groups]
+    if any(k_rot for *_, k_rot in launches):
         q_rot = torch.matmul(q.float(), tables.hadamard)
-    for grp in tables.groups:
-        k_fp8, k_rot = _flags(fmt.k, grp.k_bits)
+    for grp, consts, warps, k_rot in launches:
         qk = q_rot if k_rot else q
-        v_fp8, v_rot = _flags(fmt.v, grp.v_bits)
-        k_scaled = grp.k_bits != FP16_BITS and not k_fp8
-        v_scaled = grp.v_bits != FP16_BITS and not v_fp8
-        v_norm = 0 if not v_scaled else {"tile": 1, "static": 2}.get(fmt.v.normalize, 0)
-        grid = (n_rows, len(grp.heads), splits)
-        # 4-bit-and-wider V fields spill at 4 warps (bench/kernels_ptxas.py, sm_90): give them 8
-        warps = num_warps if grp.v_bits < 4 else max(num_warps, 8)
-        _paged_kernel[grid](
+        _paged_kernel[(n_rows, len(grp.heads), splits)](
             qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
             u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static, had,
             block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
             scale * LOG2E, h,
             HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
-            ROWS_ARE_SEQS=rows is None,
-            K_BITS=grp.k_bits, K_FP8=k_fp8, K_NORM=k_scaled and fmt.k.normalize == "tile",
-            V_BITS=grp.v_bits, V_FP8=v_fp8, V_ROT=v_rot, V_NORM=v_norm, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile),
+            ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile), **consts,
             num_warps=warps, num_stages=num_stages,
         )
 
