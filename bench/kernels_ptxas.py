@@ -39,11 +39,19 @@ from kvarn.ops.layout import PageLayout  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _signature(fn, consts: dict, pointers: dict, floats=()) -> ASTSource:
-    sig = {}
-    for name in fn.arg_names:
+def _signature(fn, consts: dict, pointers: dict, floats=(), ints: dict | None = None) -> ASTSource:
+    """The kernel as a real launch specializes it: every pointer 16-byte aligned (torch allocations
+    are), integers given in ``ints`` marked divisible by 16 where their value is (a value of 1 would
+    become a constant: pass it in ``consts``). Without these hints loads are not vectorized and the
+    loop is not software-pipelined, so registers and spills read here would not be the GPU's."""
+    sig, attrs = {}, {}
+    ints = ints or {}
+    for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr" if name in consts else pointers.get(name, "fp32" if name in floats else "i32")
-    return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        if name in pointers or (name in ints and ints[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                     attrs=attrs)
 
 
 def ptxas_usage(kernel) -> dict:
@@ -64,7 +72,8 @@ DECODE_PTRS = {"q_ptr": "*fp32", "ws_o": "*fp32", "ws_lse": "*fp32", "u8": "*u8"
                "page_start": "*i32", "row_seq": "*i32", "row_tok0": "*i32", "row_ntok": "*i32"}
 
 
-def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2, cvt=2, prefetch=False):
+def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2, cvt=2, prefetch=False,
+                 batch=64):
     """One row per (K, V) head group of ``layout`` at a decode configuration."""
     rows = []
     for kb, vb, _ in layout.head_groups():
@@ -72,8 +81,12 @@ def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2
         bt_ = bt or layout.tile
         consts = dict(HQ=group * layout.num_kv_heads, GROUP=group, TOKS=1, M=dec._m_rows(group), D=layout.head_dim,
                       G=layout.tile, BT=bt_, ROWS_ARE_SEQS=True, CVT=cvt,
-                      PREFETCH=bool(prefetch and bt_ == layout.tile), **group_consts)
-        kernel = triton.compile(_signature(dec._paged_kernel, consts, DECODE_PTRS, floats=("qscale",)), target=TARGET,
+                      PREFETCH=bool(prefetch), **group_consts)
+        hq, d = group * layout.num_kv_heads, layout.head_dim
+        ints = dict(stride_qt=hq * d, stride_qh=d, ws_stride_s=batch * hq * d, page_stride=layout.nbytes,
+                    bt_stride=64, num_kv_heads=layout.num_kv_heads, SPLITS=2)  # B x 8k tokens, 2 splits
+        kernel = triton.compile(_signature(dec._paged_kernel, consts, DECODE_PTRS, floats=("qscale",), ints=ints),
+                                target=TARGET,
                                 options={"num_warps": warps, "num_stages": num_stages})
         rows.append({"kernel": "decode", "k_bits": kb, "v_bits": vb, "bt": bt_, "num_warps": warps,
                      "cvt": cvt, "prefetch": prefetch, **ptxas_usage(kernel)})
@@ -87,7 +100,11 @@ def store_usage(layout: PageLayout, name: str):
     ptrs = {"u8": "*u8", "f16": "*fp16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_ids": "*i32", "bits_tab": "*i32",
             "offs_tab": "*i32", "had_ptr": "*fp32", "k_prior": "*fp32", "v_prior": "*fp32", "v_static": "*fp32",
             "ratios_ptr": "*fp32"}
-    kernel = triton.compile(_signature(st._store_kernel, meta, ptrs), target=TARGET,
+    h, g, d = layout.num_kv_heads, layout.tile, layout.head_dim
+    meta.update(sk_d=1, sv_d=1)  # contiguous [n, H, G, D] inputs: a stride of 1 is a constant in a launch
+    ints = dict(page_stride=layout.nbytes, page_stride16=layout.nbytes // 2, sk_n=h * g * d, sk_h=g * d, sk_g=d,
+                sv_n=h * g * d, sv_h=g * d, sv_g=d, H=h)
+    kernel = triton.compile(_signature(st._store_kernel, meta, ptrs, ints=ints), target=TARGET,
                             options={"num_warps": st._num_warps(layout.tile, layout.head_dim), "num_stages": 1,
                                      "enable_fp_fusion": False})
     return [{"kernel": "store", "format": name, **ptxas_usage(kernel)}]

@@ -89,13 +89,17 @@ class KernelTables:
     offsets: int32 ``[2, H, 4]`` byte offsets in a record of (codes, scale, zero, norm) for K (0)
     and V (1); ``NO_FIELD`` where a head has no such field. v_static: float32 ``[H, D]`` per-channel
     V multiplier for ``normalize="static"`` (None otherwise). hadamard: rotation matrix ``[D, D]``
-    float32 (None when neither K nor V rotates).
+    float32 (None when neither K nor V rotates). v_rotated: int64 indices of the KV heads whose V
+    is stored rotated (their attention output comes out of the paged kernel in the rotated basis),
+    None when no head's is; v_rotated_all: every head's is (no indexing needed).
     """
 
     offsets: torch.Tensor
     groups: tuple
     v_static: torch.Tensor | None
     hadamard: torch.Tensor | None
+    v_rotated: torch.Tensor | None = None
+    v_rotated_all: bool = False
 
 
 class PageLayout:
@@ -214,4 +218,7 @@ def _tables(layout: PageLayout, device: torch.device) -> KernelTables:
         v_static = torch.exp(layout.priors["v"].float()).to(device).contiguous()
     rotates = layout.fmt.k.hadamard or layout.fmt.v.hadamard
     had = hadamard_matrix(layout.head_dim, torch.float32, device) if rotates else None
-    return KernelTables(layout.offsets().to(device), groups, v_static, had)
+    v_rot = [h for h in range(layout.num_kv_heads) if stored_form(layout.fmt.v, layout.fmt.v.bits[h]).rotated]
+    return KernelTables(layout.offsets().to(device), groups, v_static, had,
+                        torch.tensor(v_rot, dtype=torch.int64, device=device) if v_rot else None,
+                        len(v_rot) == layout.num_kv_heads)

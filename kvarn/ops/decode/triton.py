@@ -11,10 +11,10 @@ Kernels:
   K (per channel): ``s = norm_t * (q' . code_t + q . zero)`` with ``q' = q * scale`` per tile;
   V (per token): ``o += norm_c * ((p * scale) . code + sum(p * zero))``.
   Codes are never interleaved in registers: field ``j`` of each byte (channels ``j, j+PER, ...``)
-  gets its own dot (``PER = 8 / bits``) and, for V, its own accumulator; the un-rotation at the end
-  (``o @ H``, rows of H taken with the same stride) interleaves them for free.
-  The query is rotated once per launch (outside the programs); the output is written in the
-  model's basis.
+  gets its own dot (``PER = 8 / bits``) and, for V, its own accumulator, stored at the end to its
+  strided channels. The query is rotated once per launch and the output of rotated V heads is
+  un-rotated once after the combine (torch matmuls outside the programs: an fp32 rotation inside
+  each program spilled registers, ``bench/kernels_ptxas.py``); partials are in the stored basis.
 * ``_staged_kernel`` — the fp16 part of a decode step (first tile + open tile from staging).
 * ``_combine_kernel`` — merges the splits' partial results by their log-sum-exp.
 
@@ -155,13 +155,11 @@ def _q_field(q_ptr, q_off, rows_ok, i, J: tl.constexpr, PER: tl.constexpr, qscal
 
 
 @triton.jit
-def _k_dot(raw, hi, f16, sbase, zbase, i, q_j, J: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
-           FP8: tl.constexpr, CVT: tl.constexpr, SCALED: tl.constexpr):
+def _k_dot(raw, hi, i, q_j, ks, kz, J: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, CVT: tl.constexpr,
+           SCALED: tl.constexpr):
     """(``codes_J . (q_J * scale_J)`` as ``[BT, M]``, ``q_J . zero_J`` as ``[M]``)."""
     c = _field(raw, hi, i, J, BITS, FP8, CVT)
     if SCALED:
-        ks = tl.load(f16 + (sbase // 2 + i * PER + J)).to(tl.float32)
-        kz = tl.load(f16 + (zbase // 2 + i * PER + J)).to(tl.float32)
         qs = tl.trans((q_j * ks[None, :]).to(tl.float16))
         return tl.dot(c, qs), tl.sum(q_j * kz[None, :], 1)
     else:
@@ -169,55 +167,85 @@ def _k_dot(raw, hi, f16, sbase, zbase, i, q_j, J: tl.constexpr, PER: tl.constexp
 
 
 @triton.jit
-def _v_dot(raw, hi, f16, nbase, i, pv, acc, alpha, pz, J: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
-           FP8: tl.constexpr, CVT: tl.constexpr, TILE_NORM: tl.constexpr):
+def _v_dot(raw, hi, i, pv, acc, alpha, pz, vn, J: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr,
+           CVT: tl.constexpr, TILE_NORM: tl.constexpr):
     """acc_J ``[M, DP]`` updated with one sub-tile: ``alpha * acc + norm_J * (pv . codes_J + pz)``."""
     c = _field(raw, hi, i, J, BITS, FP8, CVT)
     part = tl.dot(pv, c) + pz[:, None]
     if TILE_NORM:
-        vn = tl.load(f16 + (nbase // 2 + i * PER + J)).to(tl.float32)
         part = part * vn[None, :]
     return acc * alpha[:, None] + part
 
 
 @triton.jit
-def _store_out(ws_o, o_off, rows_ok, acc, had, i, v_static, J: tl.constexpr, PER: tl.constexpr, D: tl.constexpr,
-               ROT: tl.constexpr, STATIC: tl.constexpr, inv_l, out):
-    """Scale accumulator J; without rotation store its channels, with rotation add ``acc_J @ H_rows_J``."""
-    a = acc * inv_l[:, None]
-    if STATIC:
-        a = a * tl.load(v_static + i * PER + J)[None, :]
-    if ROT:
-        d = tl.arange(0, D)
-        hrow = tl.load(had + (i * PER + J)[:, None] * D + d[None, :])
-        return out + tl.dot(a, hrow, input_precision="ieee")
+def _field_vec(f16, base, i, J: tl.constexpr, PER: tl.constexpr, ON: tl.constexpr):
+    """float32 ``[DP]``: a per-channel fp16 field's channels ``i * PER + J`` (0 where absent)."""
+    if ON:
+        return tl.load(f16 + (base // 2 + i * PER + J)).to(tl.float32)
     else:
-        tl.store(ws_o + o_off[:, None] + (i * PER + J)[None, :], a, mask=rows_ok[:, None])
-        return out
+        return tl.zeros(i.shape, tl.float32)
 
 
 @triton.jit
-def _sub_tile(kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
-              ksc, kz, kn, vsc, vz, vn, K_PER: tl.constexpr, K_BITS: tl.constexpr, K_FP8: tl.constexpr,
-              K_SCALED: tl.constexpr, K_NORM: tl.constexpr, V_PER: tl.constexpr, V_BITS: tl.constexpr,
-              V_FP8: tl.constexpr, V_SCALED: tl.constexpr, V_NORM: tl.constexpr, CVT: tl.constexpr):
-    """One sub-tile of tokens ``t`` of one page: scores, online softmax, V accumulation."""
-    s, bias = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q0, 0, K_PER, K_BITS, K_FP8, CVT, K_SCALED)
+def _tok_vec(f16, base, t, ON: tl.constexpr):
+    """float32 ``[BT]``: a per-token fp16 field at tokens ``t`` (0 where absent)."""
+    if ON:
+        return tl.load(f16 + (base // 2 + t)).to(tl.float32)
+    else:
+        return tl.zeros(t.shape, tl.float32)
+
+
+@triton.jit
+def _scales(f16, page, t, ki, vi, ksc, kz, kn, vsc, vz, vn, K_PER: tl.constexpr, K_SCALED: tl.constexpr,
+            K_NORM: tl.constexpr, V_PER: tl.constexpr, V_SCALED: tl.constexpr, V_TILE_NORM: tl.constexpr):
+    """The small fp16 fields of one sub-tile (K scale/zero per field, K norm per token, V scale/zero
+    per token, V norm per field) as float32 vectors; absent ones are zeros (never read)."""
+    return (_field_vec(f16, page + ksc, ki, 0, K_PER, K_SCALED), _field_vec(f16, page + kz, ki, 0, K_PER, K_SCALED),
+            _field_vec(f16, page + ksc, ki, 1, K_PER, K_SCALED and K_PER > 1),
+            _field_vec(f16, page + kz, ki, 1, K_PER, K_SCALED and K_PER > 1),
+            _field_vec(f16, page + ksc, ki, 2, K_PER, K_SCALED and K_PER > 2),
+            _field_vec(f16, page + kz, ki, 2, K_PER, K_SCALED and K_PER > 2),
+            _field_vec(f16, page + ksc, ki, 3, K_PER, K_SCALED and K_PER > 2),
+            _field_vec(f16, page + kz, ki, 3, K_PER, K_SCALED and K_PER > 2),
+            _tok_vec(f16, page + kn, t, K_NORM), _tok_vec(f16, page + vsc, t, V_SCALED),
+            _tok_vec(f16, page + vz, t, V_SCALED),
+            _field_vec(f16, page + vn, vi, 0, V_PER, V_TILE_NORM),
+            _field_vec(f16, page + vn, vi, 1, V_PER, V_TILE_NORM and V_PER > 1),
+            _field_vec(f16, page + vn, vi, 2, V_PER, V_TILE_NORM and V_PER > 2),
+            _field_vec(f16, page + vn, vi, 3, V_PER, V_TILE_NORM and V_PER > 2))
+
+
+@triton.jit
+def _store_out(ws_o, o_off, rows_ok, acc, i, v_static, J: tl.constexpr, PER: tl.constexpr, STATIC: tl.constexpr,
+               inv_l):
+    """Accumulator J, normalized, to its channels ``i * PER + J`` (in the stored basis: the
+    un-rotation of rotated V heads happens once after the combine, outside the programs)."""
+    a = acc * inv_l[:, None]
+    if STATIC:
+        a = a * tl.load(v_static + i * PER + J)[None, :]
+    tl.store(ws_o + o_off[:, None] + (i * PER + J)[None, :], a, mask=rows_ok[:, None])
+
+
+@triton.jit
+def _sub_tile(kraw, khi, vraw, vhi, sc, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+              K_PER: tl.constexpr, K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr,
+              K_NORM: tl.constexpr, V_PER: tl.constexpr, V_BITS: tl.constexpr, V_FP8: tl.constexpr,
+              V_SCALED: tl.constexpr, V_NORM: tl.constexpr, CVT: tl.constexpr):
+    """One sub-tile: scores, online softmax, V accumulation (``sc``: its ``_scales``)."""
+    ks0, kz0, ks1, kz1, ks2, kz2, ks3, kz3, knorm, vs, vzp, vn0, vn1, vn2, vn3 = sc
+    s, bias = _k_dot(kraw, khi, ki, q0, ks0, kz0, 0, K_BITS, K_FP8, CVT, K_SCALED)
     if K_PER > 1:
-        s1, b1 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q1, 1, K_PER, K_BITS, K_FP8, CVT,
-                        K_SCALED)
+        s1, b1 = _k_dot(kraw, khi, ki, q1, ks1, kz1, 1, K_BITS, K_FP8, CVT, K_SCALED)
         s += s1
         bias += b1
     if K_PER > 2:
-        s2, b2 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q2, 2, K_PER, K_BITS, K_FP8, CVT,
-                        K_SCALED)
-        s3, b3 = _k_dot(kraw, khi, f16, page + ksc, page + kz, ki, q3, 3, K_PER, K_BITS, K_FP8, CVT,
-                        K_SCALED)
+        s2, b2 = _k_dot(kraw, khi, ki, q2, ks2, kz2, 2, K_BITS, K_FP8, CVT, K_SCALED)
+        s3, b3 = _k_dot(kraw, khi, ki, q3, ks3, kz3, 3, K_BITS, K_FP8, CVT, K_SCALED)
         s += s2 + s3
         bias += b2 + b3
     s = s + bias[None, :]
     if K_NORM:
-        s = s * tl.load(f16 + ((page + kn) // 2 + t)).to(tl.float32)[:, None]
+        s = s * knorm[:, None]
     s = tl.where(live[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -226,22 +254,17 @@ def _sub_tile(kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, 
     l_i = l_i * alpha + tl.sum(p, 0)
     m_i = m_new
     if V_SCALED:
-        vs = tl.load(f16 + ((page + vsc) // 2 + t)).to(tl.float32)
-        vzp = tl.load(f16 + ((page + vz) // 2 + t)).to(tl.float32)
         pv = tl.trans((p * vs[:, None]).to(tl.float16))
         pz = tl.sum(p * vzp[:, None], 0)
     else:
         pv = tl.trans(p.to(tl.float16))
         pz = tl.sum(p * 0.0, 0)
-    a0 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a0, alpha, pz, 0, V_PER, V_BITS, V_FP8, CVT, V_NORM == 1)
+    a0 = _v_dot(vraw, vhi, vi, pv, a0, alpha, pz, vn0, 0, V_BITS, V_FP8, CVT, V_NORM == 1)
     if V_PER > 1:
-        a1 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a1, alpha, pz, 1, V_PER, V_BITS, V_FP8, CVT,
-                    V_NORM == 1)
+        a1 = _v_dot(vraw, vhi, vi, pv, a1, alpha, pz, vn1, 1, V_BITS, V_FP8, CVT, V_NORM == 1)
     if V_PER > 2:
-        a2 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a2, alpha, pz, 2, V_PER, V_BITS, V_FP8, CVT,
-                    V_NORM == 1)
-        a3 = _v_dot(vraw, vhi, f16, page + vn, vi, pv, a3, alpha, pz, 3, V_PER, V_BITS, V_FP8, CVT,
-                    V_NORM == 1)
+        a2 = _v_dot(vraw, vhi, vi, pv, a2, alpha, pz, vn2, 2, V_BITS, V_FP8, CVT, V_NORM == 1)
+        a3 = _v_dot(vraw, vhi, vi, pv, a3, alpha, pz, vn3, 3, V_BITS, V_FP8, CVT, V_NORM == 1)
     return m_i, l_i, a0, a1, a2, a3
 
 
@@ -250,14 +273,14 @@ def _paged_kernel(
     q_ptr, stride_qt, stride_qh,
     ws_o, ws_lse, ws_stride_s,  # partials [S, T, Hq, D] float32 / [S, T, Hq] float32
     u8, f16, page_stride,
-    offsets, heads, v_static, had,
+    offsets, heads, v_static,
     block_table, bt_stride, q_tile, page_start,
     row_seq, row_tok0, row_ntok,
     qscale, num_kv_heads,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOKS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, BT: tl.constexpr, SPLITS, ROWS_ARE_SEQS: tl.constexpr,
     K_BITS: tl.constexpr, K_FP8: tl.constexpr, K_NORM: tl.constexpr,
-    V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_ROT: tl.constexpr, V_NORM: tl.constexpr,
+    V_BITS: tl.constexpr, V_FP8: tl.constexpr, V_NORM: tl.constexpr,
     CVT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -325,55 +348,50 @@ def _paged_kernel(
     a2 = tl.zeros([M, V_DP], tl.float32)
     a3 = tl.zeros([M, V_DP], tl.float32)
     brow = block_table + b.to(tl.int64) * bt_stride
-    if PREFETCH:  # whole tiles (BT == G), the next tile's bytes loaded while this one is computed
-        t = tl.arange(0, G)
+    # one flat loop over (tile, sub-tile) steps. The code bytes of a step are left to Triton's
+    # software pipeliner (cp.async into shared memory, num_stages deep); its scale vectors are too
+    # small for that (< 4 bytes per thread) and were synchronous loads on the critical path: with
+    # PREFETCH they are loaded one step ahead into registers
+    NSUB: tl.constexpr = G // BT
+    step_lo = lo * NSUB
+    step_hi = hi * NSUB
+    sb = tl.arange(0, BT)
+    if PREFETCH:
+        # past the end: block 0 (the engine's null block, always allocated) is read and unused
         page_n = tl.load(brow + lo, mask=lo < hi, other=0).to(tl.int64) * page_stride
-        kraw_n = _raw(u8, f16, page_n + kc, t, ki, K_ROW, D, K_BITS)
-        khi_n = _raw_hi(u8, page_n + kc, t, ki, K_ROW, D, K_BITS)
-        vraw_n = _raw(u8, f16, page_n + vc, t, vi, V_ROW, D, V_BITS)
-        vhi_n = _raw_hi(u8, page_n + vc, t, vi, V_ROW, D, V_BITS)
-        for tile in range(lo, hi):
-            page = page_n
-            kraw, khi, vraw, vhi = kraw_n, khi_n, vraw_n, vhi_n
-            # past the end: block 0 (the engine's null block, always allocated) is read and unused
-            page_n = tl.load(brow + tile + 1, mask=tile + 1 < hi, other=0).to(tl.int64) * page_stride
-            kraw_n = _raw(u8, f16, page_n + kc, t, ki, K_ROW, D, K_BITS)
-            khi_n = _raw_hi(u8, page_n + kc, t, ki, K_ROW, D, K_BITS)
-            vraw_n = _raw(u8, f16, page_n + vc, t, vi, V_ROW, D, V_BITS)
-            vhi_n = _raw_hi(u8, page_n + vc, t, vi, V_ROW, D, V_BITS)
-            live = tile < row_lim
-            m_i, l_i, a0, a1, a2, a3 = _sub_tile(
-                kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
-                ksc, kz, kn, vsc, vz, vn, K_PER, K_BITS, K_FP8, K_SCALED, K_NORM, V_PER, V_BITS, V_FP8, V_SCALED,
-                V_NORM, CVT)
-    else:
-        for tile in range(lo, hi):
-            page = tl.load(brow + tile).to(tl.int64) * page_stride
-            live = tile < row_lim  # [M]: rows whose own tile comes later read this one
-            for sub in tl.static_range(G // BT):
-                t = sub * BT + tl.arange(0, BT)
-                kraw = _raw(u8, f16, page + kc, t, ki, K_ROW, D, K_BITS)
-                khi = _raw_hi(u8, page + kc, t, ki, K_ROW, D, K_BITS)
-                vraw = _raw(u8, f16, page + vc, t, vi, V_ROW, D, V_BITS)  # issued early: both loads in flight
-                vhi = _raw_hi(u8, page + vc, t, vi, V_ROW, D, V_BITS)
-                m_i, l_i, a0, a1, a2, a3 = _sub_tile(
-                    kraw, khi, vraw, vhi, f16, page, t, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
-                    ksc, kz, kn, vsc, vz, vn, K_PER, K_BITS, K_FP8, K_SCALED, K_NORM, V_PER, V_BITS, V_FP8, V_SCALED,
-                    V_NORM, CVT)
+        sc_n = _scales(f16, page_n, sb, ki, vi, ksc, kz, kn, vsc, vz, vn, K_PER, K_SCALED, K_NORM, V_PER,
+                       V_SCALED, V_NORM == 1)
+    for step in range(step_lo, step_hi):
+        tile = step // NSUB
+        t = (step % NSUB) * BT + sb
+        page = tl.load(brow + tile).to(tl.int64) * page_stride
+        live = tile < row_lim  # [M]: rows whose own tile comes later read this one
+        kraw = _raw(u8, f16, page + kc, t, ki, K_ROW, D, K_BITS)
+        khi = _raw_hi(u8, page + kc, t, ki, K_ROW, D, K_BITS)
+        vraw = _raw(u8, f16, page + vc, t, vi, V_ROW, D, V_BITS)  # issued early: both loads in flight
+        vhi = _raw_hi(u8, page + vc, t, vi, V_ROW, D, V_BITS)
+        if PREFETCH:
+            sc = sc_n
+            nxt = step + 1
+            page_n = tl.load(brow + nxt // NSUB, mask=nxt < step_hi, other=0).to(tl.int64) * page_stride
+            sc_n = _scales(f16, page_n, (nxt % NSUB) * BT + sb, ki, vi, ksc, kz, kn, vsc, vz, vn, K_PER, K_SCALED,
+                           K_NORM, V_PER, V_SCALED, V_NORM == 1)
+        else:
+            sc = _scales(f16, page, t, ki, vi, ksc, kz, kn, vsc, vz, vn, K_PER, K_SCALED, K_NORM, V_PER, V_SCALED,
+                         V_NORM == 1)
+        m_i, l_i, a0, a1, a2, a3 = _sub_tile(
+            kraw, khi, vraw, vhi, sc, ki, vi, live, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+            K_PER, K_BITS, K_FP8, K_SCALED, K_NORM, V_PER, V_BITS, V_FP8, V_SCALED, V_NORM, CVT)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     o_off = pid_s.to(tl.int64) * ws_stride_s + (tok_idx.to(tl.int64) * HQ + qhead) * D
     vst = v_static + h * D
-    out = tl.zeros([M, D], tl.float32)
-    out = _store_out(ws_o, o_off, rows_ok, a0, had, vi, vst, 0, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+    _store_out(ws_o, o_off, rows_ok, a0, vi, vst, 0, V_PER, V_NORM == 2, inv_l)
     if V_PER > 1:
-        out = _store_out(ws_o, o_off, rows_ok, a1, had, vi, vst, 1, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
+        _store_out(ws_o, o_off, rows_ok, a1, vi, vst, 1, V_PER, V_NORM == 2, inv_l)
     if V_PER > 2:
-        out = _store_out(ws_o, o_off, rows_ok, a2, had, vi, vst, 2, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
-        out = _store_out(ws_o, o_off, rows_ok, a3, had, vi, vst, 3, V_PER, D, V_ROT, V_NORM == 2, inv_l, out)
-    if V_ROT:
-        d = tl.arange(0, D)
-        tl.store(ws_o + o_off[:, None] + d[None, :], out, mask=rows_ok[:, None])
+        _store_out(ws_o, o_off, rows_ok, a2, vi, vst, 2, V_PER, V_NORM == 2, inv_l)
+        _store_out(ws_o, o_off, rows_ok, a3, vi, vst, 3, V_PER, V_NORM == 2, inv_l)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(ws_lse + pid_s.to(tl.int64) * (ws_stride_s // D) + tok_idx.to(tl.int64) * HQ + qhead, lse, mask=rows_ok)
 
@@ -454,11 +472,12 @@ def _combine_kernel(ws_o, ws_lse, out, lse_out, T, HQ: tl.constexpr, D: tl.const
 # ---------------------------------------------------------------------------------------------
 def group_launch(layout: PageLayout, k_bits: int, v_bits: int, num_warps: int) -> tuple[dict, int, bool]:
     """The head-group constexprs of ``_paged_kernel``, its warp count, and whether its K is rotated
-    (then the kernel gets the rotated query). One place for the launch and ``bench/kernels_ptxas.py``."""
+    (then the kernel gets the rotated query). One place for the launch and ``bench/kernels_ptxas.py``.
+    Whether its V is rotated is the launcher's business (``KernelTables.v_rotated``)."""
     fmt = layout.fmt
     kf, vf = stored_form(fmt.k, k_bits), stored_form(fmt.v, v_bits)
     consts = dict(K_BITS=k_bits, K_FP8=kf.fp8, K_NORM=kf.scaled and fmt.k.normalize == "tile",
-                  V_BITS=v_bits, V_FP8=vf.fp8, V_ROT=vf.rotated,
+                  V_BITS=v_bits, V_FP8=vf.fp8,
                   V_NORM={"tile": 1, "static": 2}.get(fmt.v.normalize, 0) if vf.scaled else 0)
     # 4-bit-and-wider V fields spill at 4 warps (bench/kernels_ptxas.py, sm_90): give them 8
     warps = num_warps if v_bits < 4 else max(num_warps, 8)
@@ -490,7 +509,7 @@ def default_cvt(t: torch.Tensor) -> int:
 
 
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
-                  toks, scale, splits, bt, num_warps, num_stages, cvt, prefetch=False):
+                  toks, scale, splits, bt, num_warps, num_stages, cvt, prefetch=False, maxnreg=None):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     _, hq, d = q.shape
@@ -500,7 +519,6 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
     u8 = pages
     f16 = pages.view(torch.float16)
     v_static = tables.v_static if tables.v_static is not None else q.new_zeros(1, dtype=torch.float32)
-    had = tables.hadamard if tables.hadamard is not None else q.new_zeros(1, dtype=torch.float32)
     row_seq, row_tok0, row_ntok = rows if rows is not None else (q_tile, q_tile, q_tile)
     # the query is rotated once here (one small matmul), not in each program: an fp32 [M, D] x [D, D]
     # dot in the kernel's prologue spilled ~3 KB of registers per thread (ptxas -v, sm_90)
@@ -512,13 +530,27 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
         qk = q_rot if k_rot else q
         _paged_kernel[(n_rows, len(grp.heads), splits)](
             qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
-            u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static, had,
+            u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static,
             block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
             scale * LOG2E, h,
             HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
-            ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch and bt == layout.tile), **consts,
-            num_warps=warps, num_stages=num_stages,
+            ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch), **consts,
+            num_warps=warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
+
+
+def _swap_basis(tables, x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``x [T, Hq, D]`` float32 with the heads whose V is stored rotated moved between the model's
+    and the stored basis (the rotation is symmetric and orthonormal: one function both ways). In
+    place where only some heads rotate; shapes are fixed, so CUDA-graph capture is safe."""
+    if tables.v_rotated is None:
+        return x
+    if tables.v_rotated_all:
+        return torch.matmul(x, tables.hadamard)
+    t, hq, d = x.shape
+    xv = x.view(t, num_kv_heads, hq // num_kv_heads, d)
+    xv[:, tables.v_rotated] = torch.matmul(xv[:, tables.v_rotated], tables.hadamard)
+    return x
 
 
 def _combine(ws_o, ws_lse, out, lse_out, num_partials):
@@ -530,7 +562,7 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
            scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=None, workspace=None,
-           prefetch=False):
+           prefetch=False, maxnreg=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -545,7 +577,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
         ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
-                  bt or layout.tile, num_warps, num_stages, cvt, prefetch)
+                  bt or layout.tile, num_warps, num_stages, cvt, prefetch, maxnreg)
     group = hq // layout.num_kv_heads
     _staged_kernel[(bsz, layout.num_kv_heads)](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,
@@ -553,7 +585,16 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         NUM_KV=layout.num_kv_heads, num_warps=4)
     if out is None:
         out = torch.empty_like(q)
-    _combine(ws_o, ws_lse, out, None, splits + 1)
+    tables = layout.kernel_tables(q.device)
+    if tables.v_rotated is None:
+        _combine(ws_o, ws_lse, out, None, splits + 1)
+        return out
+    # the paged partials of rotated V heads are in the stored basis: bring the staged one there,
+    # combine, and un-rotate the sum once
+    ws_o[splits] = _swap_basis(tables, ws_o[splits], layout.num_kv_heads)
+    res = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    _combine(ws_o, ws_lse, res, None, splits + 1)
+    out.copy_(_swap_basis(tables, res, layout.num_kv_heads))
     return out
 
 
@@ -588,4 +629,4 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
     out = torch.full((t_all, hq, d), float("nan"), dtype=torch.float32, device=dev)
     lse = torch.full((t_all, hq), float("nan"), dtype=torch.float32, device=dev)
     _combine(ws_o, ws_lse, out, lse, num_splits)
-    return out, lse
+    return _swap_basis(layout.kernel_tables(dev), out, layout.num_kv_heads), lse
