@@ -125,3 +125,26 @@ def test_chunked_prefill_and_decode_with_triton_ops(monkeypatch):
     out, ref = _run(src, chunks, T, d)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert not torch.isnan(out).any() and rel < 3e-3, f"triton ops: relative error {rel:.2e} vs the reference"
+
+
+def test_decode_rows_take_the_batched_path(monkeypatch):
+    """Single-token rows never reach the per-sequence path, and the batched path alone (every row a
+    decode row from the second step on) still matches the reference."""
+    import kvarn.runtime.paged as paged
+
+    general_rows = []
+    real = paged._attend_general
+
+    def spy(layout, keep, pages, staging, steps, *args):
+        general_rows.extend(st.q_end - st.q_start for st in steps if not st.dummy)
+        return real(layout, keep, pages, staging, steps, *args)
+
+    monkeypatch.setattr(paged, "_attend_general", spy)
+    torch.manual_seed(3)
+    d = 64
+    src = CacheSource("t", (_format(d),), True, torch.randn(1, H, d) * 0.2, torch.randn(1, H, d) * 0.2)
+    T = 2 * G + 9
+    out, ref = _run(src, [[G - 1] + [1] * (T - G + 1), [1] * T], T, d)
+    assert general_rows == [G - 1], f"rows that took the per-sequence path: {general_rows}"
+    err = (out - ref).abs().max().item()
+    assert err < 2e-4, f"max |batched decode - reference| = {err:.2e}"

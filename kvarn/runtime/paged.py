@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.decode import merge, paged_attention, partial_attention
+from ..ops.decode import decode, merge, paged_attention, partial_attention
 from ..ops.layout import PageLayout, check_storable
 from ..ops.store import store_tiles
 from ..quant.formats import tile_bytes
@@ -230,15 +230,109 @@ class StagingTable:
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class DecodeBatch:
+    """The single-token decode rows of one engine step, as device tensors for ``ops.decode.decode``.
+
+    Built once per step (by the engine's metadata builder; every layer reads it). ``rows``: the
+    step's token row of each sequence. Its new key/value goes to staging slot ``cur_slot`` at
+    ``write_pos``; the query reads tiles ``[page_start, q_tile)`` from pages, the fp16 first tile
+    from ``first_slot`` (-1: none) and ``cur_len`` tokens of its own tile from ``cur_slot``.
+    ``store_index`` (into the batch) are sequences whose tile this token completes: that tile is
+    encoded from its slot into block ``store_blocks``.
+    """
+
+    rows: torch.Tensor
+    block_table: torch.Tensor
+    page_start: torch.Tensor
+    q_tile: torch.Tensor
+    first_slot: torch.Tensor
+    cur_slot: torch.Tensor
+    cur_len: torch.Tensor
+    write_pos: torch.Tensor
+    store_index: torch.Tensor
+    store_blocks: torch.Tensor
+    steps: tuple  # the SeqSteps it covers (the rest of the step takes the general path)
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def _is_decode(st: SeqStep) -> bool:
+    return not st.dummy and st.q_end - st.q_start == 1
+
+
+def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device) -> DecodeBatch | None:
+    """The decode rows of a step's plan (None when it has none): host work once per step."""
+    dec = [st for st in steps if _is_decode(st)]
+    if not dec:
+        return None
+    g = tile
+    width = max(-(-st.seq // g) for st in dec)
+    cols = {name: [] for name in ("rows", "page_start", "q_tile", "first_slot", "cur_slot", "cur_len", "write_pos")}
+    table = [[0] * width for _ in dec]
+    store_index, store_blocks = [], []
+    for j, st in enumerate(dec):
+        t_q = (st.seq - 1) // g
+        slot = st.old_slot if st.old_slot is not None else st.new_slot
+        first = keep_first_tile and t_q >= 1 and st.first_slot is not None
+        n_blocks = -(-st.seq // g)
+        table[j][:n_blocks] = st.blocks[:n_blocks]
+        for name, val in (("rows", st.q_start), ("page_start", 1 if first else 0), ("q_tile", t_q),
+                          ("first_slot", st.first_slot if first else -1), ("cur_slot", slot),
+                          ("cur_len", st.seq - t_q * g), ("write_pos", st.seq - 1 - t_q * g)):
+            cols[name].append(val)
+        if st.seq % g == 0:
+            store_index.append(j)
+            store_blocks.append(st.blocks[t_q])
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    i64 = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    return DecodeBatch(i64(cols["rows"]), i32(table), i32(cols["page_start"]), i32(cols["q_tile"]),
+                       i32(cols["first_slot"]), i32(cols["cur_slot"]), i32(cols["cur_len"]), i64(cols["write_pos"]),
+                       i64(store_index), i32(store_blocks), tuple(dec))
+
+
+def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out) -> None:
+    """Decode rows with no Python per sequence: write the token to staging, encode tiles it
+    completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op)."""
+    rows = batch.rows
+    slots = batch.cur_slot.long()
+    staging[slots, 0, :, batch.write_pos] = k[rows].to(staging.dtype)
+    staging[slots, 1, :, batch.write_pos] = v[rows].to(staging.dtype)
+    if batch.store_index.numel():
+        done = slots[batch.store_index]
+        store_tiles(layout, pages, staging[done, 0], staging[done, 1], batch.store_blocks)
+    o = decode(layout, pages, staging, q[rows], batch.block_table, batch.page_start, batch.q_tile, batch.first_slot,
+               batch.cur_slot, batch.cur_len, scale)
+    out[rows] = o.to(out.dtype)
+
+
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    out: torch.Tensor,
+    out: torch.Tensor, batch: DecodeBatch | None = None,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
     pages ``[num_blocks, >= layout.nbytes]`` uint8; staging ``[S, 2, H, G, D]`` fp16;
     q ``[T, Hq, D]``, k/v ``[T, H, D]`` (model dtype), out ``[T, Hq, D]``.
+
+    Single-token decode rows take ``_attend_decode`` (``batch``: their ``decode_batch``, built here
+    when the caller has none); the other rows (prefill chunks, placeholders) ``_attend_general``.
+    """
+    if batch is None:
+        batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
+    if batch is not None:
+        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out)
+        steps = [st for st in steps if not _is_decode(st)]
+    if steps:
+        _attend_general(layout, keep_first_tile, pages, staging, steps, q, k, v, scale, out)
+
+
+def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], q, k, v,
+                    scale: float, out) -> None:
+    """Any rows (per sequence in Python: prefill chunks are few per step).
 
     Three ops: ``store_tiles`` encodes every tile completed in this step (all sequences, one call);
     ``paged_attention`` reads, for every query, the completed tiles below its own from the pages

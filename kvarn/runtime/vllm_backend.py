@@ -47,7 +47,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import KvarnError
-from .paged import CacheSource, SeqStep, StagingTable, attend_layer, load_source, staging_slots
+from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
+                    staging_slots)
 from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _model_shape
 
 STORAGE_DTYPE = torch.uint8
@@ -72,14 +73,17 @@ class EngineCache:
         # allocated (and touched) now, while the engine builds the model: its memory is counted
         self.staging = [torch.zeros(slots, 2, f.num_kv_heads, f.tile, f.head_dim, dtype=torch.float16, device=device)
                         for f in self.source.formats]
+        self.device = device
         self._last_common = None
         self._last_plan: list[SeqStep] = []
+        self._last_batch: DecodeBatch | None = None
         _last_page_bytes[0] = max(self.page_bytes)
 
-    def plan(self, common: CommonAttentionMetadata) -> list[SeqStep]:
-        """The step's plan; computed once per step (all builders see the same ``common``)."""
+    def plan(self, common: CommonAttentionMetadata) -> tuple[list[SeqStep], DecodeBatch | None]:
+        """The step's plan and its decode rows' device metadata; computed once per step (all
+        builders see the same ``common``)."""
         if common is self._last_common:
-            return self._last_plan
+            return self._last_plan, self._last_batch
         g = self.source.tile
         n = common.num_reqs
         qsl = common.query_start_loc_cpu[: n + 1].tolist()
@@ -92,8 +96,9 @@ class EngineCache:
                 continue
             seqs.append((qs, qe, s - (qe - qs), s, table[i, : -(-s // g)].tolist()))
         self._last_plan = self.table.plan(seqs)
+        self._last_batch = decode_batch(self._last_plan, g, self.source.keep_first_tile, self.device)
         self._last_common = common
-        return self._last_plan
+        return self._last_plan, self._last_batch
 
     def staging_for(self, layer: int) -> torch.Tensor:
         st = self.staging[layer]
@@ -131,6 +136,7 @@ class KvarnMetadata(AttentionMetadata):
     num_actual_tokens: int
     steps: list  # [SeqStep], one per scheduled sequence
     cache: EngineCache
+    decode: DecodeBatch | None = None  # the single-token rows' device metadata (built once per step)
 
 
 class KvarnMetadataBuilder(AttentionMetadataBuilder[KvarnMetadata]):
@@ -142,8 +148,8 @@ class KvarnMetadataBuilder(AttentionMetadataBuilder[KvarnMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KvarnMetadata:
-        steps = self.cache.plan(common_attn_metadata)
-        return KvarnMetadata(common_attn_metadata.num_actual_tokens, steps, self.cache)
+        steps, batch = self.cache.plan(common_attn_metadata)
+        return KvarnMetadata(common_attn_metadata.num_actual_tokens, steps, self.cache, batch)
 
     def update_block_table(self, metadata: KvarnMetadata, blk_table, slot_mapping) -> KvarnMetadata:
         return metadata  # one KV-cache group: every layer has the same block table and plan
@@ -200,7 +206,8 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
         attend_layer(cache.layouts[i], cache.source.keep_first_tile, pages, cache.staging_for(i),
                      attn_metadata.steps, query[:n].view(n, self.num_heads, self.head_size),
                      key[:n].view(n, self.num_kv_heads, self.head_size),
-                     value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out)
+                     value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
+                     batch=attn_metadata.decode)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
