@@ -151,27 +151,29 @@ def kvarn_decode_fn(lay, pages, staging, meta, bsz, **cfg):
 
     q = torch.randn(bsz, HQ, D, dtype=torch.bfloat16, device=DEV)
     out = torch.empty_like(q)
-    splits = cfg.pop("splits", None) or tri.default_splits(bsz, H, meta["block_table"].shape[1])
+    splits = cfg.pop("splits", None) or tri.layout_splits(lay, bsz, meta["block_table"].shape[1], torch.device(DEV))
     ws = (torch.empty(splits + 1, bsz, HQ, D, device=DEV), torch.empty(splits + 1, bsz, HQ, device=DEV))
     m = meta
     return lambda: tri.decode(lay, pages, staging, q, m["block_table"], m["page_start"], m["q_tile"],
                               m["first_slot"], m["cur_slot"], m["cur_len"], D ** -0.5, out=out, workspace=ws, **cfg)
 
 
-def store_fn(lay, n_tiles):
+def store_fn(lay, n_tiles, num_warps=None):
     from kvarn.ops.store import triton as store_tri
 
     pages = torch.zeros(n_tiles + 1, lay.nbytes, dtype=torch.uint8, device=DEV)
     k = torch.randn(n_tiles, H, G, D, dtype=torch.bfloat16, device=DEV)
     v = torch.randn_like(k)
     ids = torch.arange(1, n_tiles + 1, dtype=torch.int32, device=DEV)
-    return lambda: store_tri.store_tiles(lay, pages, k, v, ids)
+    return lambda: store_tri.store_tiles(lay, pages, k, v, ids, num_warps=num_warps)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true", help="B in {8, 64}, ctx in {8k, 32k} only")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="formats of the grid (comma-separated)")
+    ap.add_argument("--no-store", action="store_true")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="dry run: tiny shapes, few variants")
     ap.add_argument("--variants", default=None, help="JSON list of decode configurations to sweep instead")
@@ -266,13 +268,15 @@ def main():
                              "x_bf16": 1.0, "packed_GBps": round(base_bytes / base_ms / 1e6, 1),
                              "sdpa_layout": base_name})
                 for name, fmt in FORMATS.items():
+                    if name not in args.formats.split(","):
+                        continue
                     prior = torch.randn(H, D) * 0.3
                     lay = PageLayout(fmt, prior, prior)
                     pages, staging, meta, nbytes = decode_inputs(lay, bsz, ctx)
                     cfg = cfg_for(bsz)
                     from kvarn.ops.decode import triton as tri
 
-                    splits = tri.default_splits(bsz, H, meta["block_table"].shape[1])
+                    splits = tri.layout_splits(lay, bsz, meta["block_table"].shape[1], torch.device(DEV))
                     if bsz in best and name == "k4v2" and best[bsz].get("splits"):
                         splits = best[bsz]["splits"]
                     try:
@@ -291,22 +295,23 @@ def main():
                                                          for r in rows if r["op"] == "decode" and r["B"] == bsz
                                                          and r["ctx"] == ctx), flush=True)
         # store: the worst decode step completes one tile per sequence (B tiles in one launch)
-        for name, fmt in FORMATS.items():
+        for name, fmt in (FORMATS.items() if not args.no_store else ()):
             prior = torch.randn(H, D) * 0.3
             lay = PageLayout(fmt, prior, prior)
-            for n in ((1, 64) if not args.tiny else (1,)):
+            for n, warps in (((1, 8), (1, 16), (1, 32), (64, 8), (64, 16), (64, 32)) if not args.tiny else ((1, 4),)):
                 try:
-                    ms = bench(store_fn(lay, n))
+                    ms = bench(store_fn(lay, n, warps))
                 except Exception as e:  # noqa: BLE001
-                    print(f"  store {name} n={n} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    break
+                    print(f"  store {name} n={n} warps={warps} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
                 dec = [r for r in rows if r["op"] == "decode" and r["format"] == name and r["B"] == 64
                        and r["ctx"] == 8192]
                 share = ms / dec[0]["ms"] if dec else None
                 rows.append({"op": "store", "B": n, "ctx": None, "format": name, "ms": round(ms, 4),
-                             "us_per_tile": round(1000 * ms / n, 2),
+                             "num_warps": warps, "us_per_tile": round(1000 * ms / n, 2),
                              "share_of_decode_B64_8k": None if share is None else round(share, 3)})
-                print(f"store {name}: {n} tiles {1000 * ms:.1f} us ({1000 * ms / n:.2f} us/tile)", flush=True)
+                print(f"store {name}: {n} tiles, {warps} warps: {1000 * ms:.1f} us ({1000 * ms / n:.2f} us/tile)",
+                      flush=True)
 
     (out_dir / "kernels_h200.json").write_text(json.dumps(rows, indent=1))
     print("\n| op | B | ctx | format | ms | x bf16 | packed GB/s |\n|---|---|---|---|---|---|---|")

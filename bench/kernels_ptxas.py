@@ -8,7 +8,10 @@ limit, so this is the first thing to read before spending device time.
 
     python bench/kernels_ptxas.py [--json PATH] [--check]
 
-``--check`` exits 1 when a default decode configuration spills (tests/ops runs it).
+``--check`` exits 1 when a default decode configuration spills more than ``SPILL_LIMIT`` bytes per
+thread (tests/ops runs it). Not zero: the fastest configuration measured on the H200 (k4v2 at 2
+warps, 2026-12-02) spills 192 B and beat the spill-free 4-warp one by 4%; the spill that cost 2x
+was 3.2 KB.
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
 
@@ -37,6 +40,7 @@ from kvarn.ops.decode import triton as dec  # noqa: E402
 from kvarn.ops.layout import PageLayout  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+SPILL_LIMIT = 256  # bytes of stack per thread (see --check)
 
 
 def _signature(fn, consts: dict, pointers: dict, floats=(), ints: dict | None = None) -> ASTSource:
@@ -72,13 +76,14 @@ DECODE_PTRS = {"q_ptr": "*fp32", "ws_o": "*fp32", "ws_lse": "*fp32", "u8": "*u8"
                "page_start": "*i32", "row_seq": "*i32", "row_tok0": "*i32", "row_ntok": "*i32"}
 
 
-def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=4, num_stages=2, cvt=2, prefetch=False,
+def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=None, num_stages=None, cvt=2, prefetch=None,
                  batch=64):
-    """One row per (K, V) head group of ``layout`` at a decode configuration."""
+    """One row per (K, V) head group of ``layout`` at a decode configuration (None: the op's default)."""
+    bt, num_warps, num_stages, prefetch = dec._config(layout, bt, num_warps, num_stages, prefetch)
     rows = []
     for kb, vb, _ in layout.head_groups():
         group_consts, warps, _ = dec.group_launch(layout, kb, vb, num_warps)  # as the decode op launches it
-        bt_ = bt or layout.tile
+        bt_ = bt
         consts = dict(HQ=group * layout.num_kv_heads, GROUP=group, TOKS=1, M=dec._m_rows(group), D=layout.head_dim,
                       G=layout.tile, BT=bt_, ROWS_ARE_SEQS=True, CVT=cvt,
                       PREFETCH=bool(prefetch), **group_consts)
@@ -113,7 +118,8 @@ def store_usage(layout: PageLayout, name: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--check", action="store_true", help="exit 1 if a default decode configuration spills")
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit 1 if a default decode configuration spills more than {SPILL_LIMIT} B per thread")
     ap.add_argument("--no-store", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,7 +132,7 @@ def main():
         for r in decode_usage(lay):
             rows.append({"format": name, "default": True, **r})
         if not args.check:
-            for cfg in (dict(prefetch=True), dict(cvt=1), dict(bt=64), dict(num_warps=8)):
+            for cfg in (dict(prefetch=False), dict(cvt=1), dict(bt=128, num_warps=4), dict(num_warps=4)):
                 for r in decode_usage(lay, **cfg):
                     rows.append({"format": name, "default": False, **r})
         if not args.no_store and not args.check:
@@ -141,7 +147,7 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.check:
-        bad = [r for r in rows if r["kernel"] == "decode" and r["default"] and r["stack_bytes"]]
+        bad = [r for r in rows if r["kernel"] == "decode" and r["default"] and r["stack_bytes"] > SPILL_LIMIT]
         if bad:
             print(f"spilling default decode configurations: {bad}")
             sys.exit(1)

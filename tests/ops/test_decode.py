@@ -146,10 +146,11 @@ def test_rows_without_tiles_read_nothing():
     _rel(o[1], want_o[1], "row with one tile")
 
 
-def test_default_decode_kernels_do_not_spill_on_sm90():
+def test_default_decode_kernels_spill_at_most_the_limit_on_sm90():
     """Compiled for the H200 here (triton.compile for sm_90 + the wheel's ptxas, no GPU): spilled
     registers go to local memory and cap the kernel far below the bandwidth limit (measured: a
-    prologue that spilled 3.2 KB per thread made decode 2x slower than bf16)."""
+    prologue that spilled 3.2 KB per thread made decode 2x slower than bf16). The bound is
+    ``SPILL_LIMIT`` bytes per thread, not zero: the fastest measured default spills 192 B."""
     import os
     import subprocess
     import sys

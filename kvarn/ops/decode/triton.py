@@ -479,8 +479,14 @@ def group_launch(layout: PageLayout, k_bits: int, v_bits: int, num_warps: int) -
     consts = dict(K_BITS=k_bits, K_FP8=kf.fp8, K_NORM=kf.scaled and fmt.k.normalize == "tile",
                   V_BITS=v_bits, V_FP8=vf.fp8,
                   V_NORM={"tile": 1, "static": 2}.get(fmt.v.normalize, 0) if vf.scaled else 0)
-    # 4-bit-and-wider V fields spill at 4 warps (bench/kernels_ptxas.py, sm_90): give them 8
-    warps = num_warps if v_bits < 4 else max(num_warps, 8)
+    # registers per thread grow with the fields a group unpacks; where the default 2 warps spill
+    # (bench/kernels_ptxas.py, sm_90: 3-bit planes, V >= 3 bits, 8-bit heads) give the group more
+    if v_bits <= 2 and k_bits in (2, 4):
+        warps = num_warps
+    elif v_bits <= 4 and k_bits <= 4:
+        warps = max(num_warps, 4)
+    else:
+        warps = max(num_warps, 8)
     return consts, warps, kf.rotated
 
 
@@ -498,9 +504,23 @@ def _num_sms(device: torch.device) -> int:
 def default_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132) -> int:
     """Splits per sequence so that ~4 programs per SM run (fixed by shapes: graph-capture safe).
 
-    On the H200 (run 2) the best swept split count was this one (B = 8: 9, B = 64: 2)."""
+    ``num_kv_heads``: the heads of the smallest head group (each group is its own launch, and
+    launches run one after another: each must fill the GPU; see ``layout_splits``)."""
     want = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
     return int(max(1, min(MAX_SPLITS, want, max_tiles)))
+
+
+def layout_splits(layout: PageLayout, batch: int, max_tiles: int, device: torch.device) -> int:
+    """``default_splits`` for ``layout``: sized by its smallest head group. A recipe that mixes
+    widths launches once per (K, V) width pair; sized by all heads, a 1-head group's launch ran
+    B x 1 x 2 programs at B = 64 (under one wave) and the mix took 2x the uniform format's time."""
+    smallest = min(len(g.heads) for g in layout.kernel_tables(device).groups)
+    return default_splits(batch, smallest, max_tiles, _num_sms(device))
+
+
+# the decode configuration measured best on the H200 (bench/kernels_gpu.py sweep, 2026-12-02):
+# 2 warps, 64-token sub-tiles, 3 cp.async stages, scale vectors prefetched one step ahead
+DEFAULTS = dict(bt=64, num_warps=2, num_stages=3, prefetch=True)
 
 
 def default_cvt(t: torch.Tensor) -> int:
@@ -508,8 +528,15 @@ def default_cvt(t: torch.Tensor) -> int:
     return 2 if t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" else 1
 
 
+def _config(layout: PageLayout, bt, num_warps, num_stages, prefetch) -> tuple:
+    """(bt, num_warps, num_stages, prefetch) with ``DEFAULTS`` for what is None (bt within the tile)."""
+    bt = min(layout.tile, bt or DEFAULTS["bt"])
+    return (bt, num_warps or DEFAULTS["num_warps"], num_stages or DEFAULTS["num_stages"],
+            DEFAULTS["prefetch"] if prefetch is None else prefetch)
+
+
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
-                  toks, scale, splits, bt, num_warps, num_stages, cvt, prefetch=False, maxnreg=None):
+                  toks, scale, splits, bt, num_warps, num_stages, prefetch, cvt, maxnreg=None):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     _, hq, d = q.shape
@@ -561,8 +588,8 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-           scale, out=None, num_splits=None, bt=None, num_warps=4, num_stages=2, cvt=None, workspace=None,
-           prefetch=False, maxnreg=None):
+           scale, out=None, num_splits=None, bt=None, num_warps=None, num_stages=None, cvt=None, workspace=None,
+           prefetch=None, maxnreg=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -573,11 +600,12 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         ws_o, ws_lse = workspace
         splits = ws_o.shape[0] - 1
     else:
-        splits = num_splits or default_splits(bsz, layout.num_kv_heads, block_table.shape[1], _num_sms(q.device))
+        splits = num_splits or layout_splits(layout, bsz, block_table.shape[1], q.device)
         ws_o = torch.empty(splits + 1, bsz, hq, d, dtype=torch.float32, device=q.device)
         ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
+    cfg = _config(layout, bt, num_warps, num_stages, prefetch)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
-                  bt or layout.tile, num_warps, num_stages, cvt, prefetch, maxnreg)
+                  *cfg, cvt, maxnreg=maxnreg)
     group = hq // layout.num_kv_heads
     _staged_kernel[(bsz, layout.num_kv_heads)](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,
@@ -599,7 +627,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
 
 
 def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, toks=None,
-                    num_splits=1, bt=None, num_warps=4, num_stages=2, cvt=None, poison=False, prefetch=False):
+                    num_splits=1, bt=None, num_warps=None, num_stages=None, cvt=None, poison=False, prefetch=None):
     """See ``reference.paged_attention`` (natural-log lse). Query tokens of a sequence must be contiguous.
 
     The workspace is ``num_splits x T x Hq x D`` float32: bounded by the step, not the history.
@@ -625,7 +653,7 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
         ws_o.fill_(float("nan"))
         ws_lse.fill_(float("nan"))
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile.to(torch.int32), page_start.to(torch.int32),
-                  rows, len(r_seq), toks, scale, num_splits, bt or layout.tile, num_warps, num_stages, cvt, prefetch)
+                  rows, len(r_seq), toks, scale, num_splits, *_config(layout, bt, num_warps, num_stages, prefetch), cvt)
     out = torch.full((t_all, hq, d), float("nan"), dtype=torch.float32, device=dev)
     lse = torch.full((t_all, hq), float("nan"), dtype=torch.float32, device=dev)
     _combine(ws_o, ws_lse, out, lse, num_splits)

@@ -377,8 +377,11 @@ def _num_warps(g: int, d: int) -> int:
 
 
 def store_tiles(layout: PageLayout, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                block_ids: torch.Tensor) -> None:
-    """See ``reference.store_tiles``: one launch encodes every head of K and V of ``n`` tiles."""
+                block_ids: torch.Tensor, num_warps: int | None = None) -> None:
+    """See ``reference.store_tiles``: one launch encodes every head of K and V of ``n`` tiles.
+
+    ``num_warps``: threads per program (default by tile size); one program holds a whole tile, so
+    more warps mean fewer tile elements per thread on the serial normalization and clip passes."""
     n = k.shape[0]
     if n == 0:
         return
@@ -399,5 +402,5 @@ def store_tiles(layout: PageLayout, pages: torch.Tensor, k: torch.Tensor, v: tor
     _store_kernel[(n, h, 2)](
         pages, pages16, pages.stride(0), pages16.stride(0), k, v, *k.stride(), *v.stride(), ids,
         tabs.bits, tabs.offsets, tabs.hadamard, tabs.k_prior, tabs.v_prior, tabs.v_static, tabs.ratios, h,
-        **tabs.meta, num_warps=_num_warps(g, d), num_stages=1, enable_fp_fusion=False,
+        **tabs.meta, num_warps=num_warps or _num_warps(g, d), num_stages=1, enable_fp_fusion=False,
     )
