@@ -99,20 +99,23 @@ def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=None, num_stage
 
 
 def store_usage(layout: PageLayout, name: str):
+    """Both launches of the store (prepare, quantize), as ``store_tiles`` makes them."""
     from kvarn.ops.store import triton as st
 
-    meta = dict(st._tables(layout, torch.device("cpu")).meta)
     ptrs = {"u8": "*u8", "f16": "*fp16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_ids": "*i32", "bits_tab": "*i32",
             "offs_tab": "*i32", "had_ptr": "*fp32", "k_prior": "*fp32", "v_prior": "*fp32", "v_static": "*fp32",
-            "ratios_ptr": "*fp32"}
+            "ratios_ptr": "*fp32", "ws_ptr": "*fp32"}
     h, g, d = layout.num_kv_heads, layout.tile, layout.head_dim
-    meta.update(sk_d=1, sv_d=1)  # contiguous [n, H, G, D] inputs: a stride of 1 is a constant in a launch
     ints = dict(page_stride=layout.nbytes, page_stride16=layout.nbytes // 2, sk_n=h * g * d, sk_h=g * d, sk_g=d,
                 sv_n=h * g * d, sv_h=g * d, sv_g=d, H=h)
-    kernel = triton.compile(_signature(st._store_kernel, meta, ptrs, ints=ints), target=TARGET,
-                            options={"num_warps": st._num_warps(layout.tile, layout.head_dim), "num_stages": 1,
-                                     "enable_fp_fusion": False})
-    return [{"kernel": "store", "format": name, **ptxas_usage(kernel)}]
+    rows = []
+    for phase, warps in ((1, st._num_warps(g, d)), (2, 4)):
+        meta = dict(st._tables(layout, torch.device("cpu")).meta, PHASE=phase, NP=st.store_parts(g, d))
+        meta.update(sk_d=1, sv_d=1)  # contiguous [n, H, G, D] inputs: a stride of 1 is a constant in a launch
+        kernel = triton.compile(_signature(st._store_kernel, meta, ptrs, ints=ints), target=TARGET,
+                                options={"num_warps": warps, "num_stages": 1, "enable_fp_fusion": False})
+        rows.append({"kernel": f"store phase {phase}", "format": name, **ptxas_usage(kernel)})
+    return rows
 
 
 def main():
@@ -139,7 +142,7 @@ def main():
             rows.extend(store_usage(lay, name))
     print("| kernel | format | K/V bits | config | registers | stack B | spill st/ld B |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        cfg = "" if r["kernel"] == "store" else f"bt {r['bt']}, {r['num_warps']} warps, cvt {r['cvt']}" + \
+        cfg = "" if r["kernel"].startswith("store") else f"bt {r['bt']}, {r['num_warps']} warps, cvt {r['cvt']}" + \
             (", prefetch" if r.get("prefetch") else "")
         bits = f"{r.get('k_bits', '')}/{r.get('v_bits', '')}" if r["kernel"] == "decode" else "all"
         print(f"| {r['kernel']} | {r['format']} | {bits} | {cfg} | {r['registers']} | {r['stack_bytes']} | "

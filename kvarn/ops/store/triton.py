@@ -3,8 +3,12 @@
 ``store_tiles`` computes what ``reference.store_tiles`` computes (``PageLayout.encode`` →
 ``kvarn.quant.codec.encode_tiles``), in float32, op for op:
 
-* one program per (tile, KV head, K/V): grid ``(n, H, 2)``. The program holds its head's whole
-  ``[G, D]`` tile in registers.
+* two launches. Prepare: one program per (tile, KV head, K/V), grid ``(n, H, 2)``, holds its
+  head's whole ``[G, D]`` tile in registers (the rotation and the normalization need all of it)
+  and writes the tile the quantizer sees to a float32 workspace. Quantize: ``NP`` programs per
+  head (grid ``(n, H, 2 NP)``), each a slice of whole groups (K: D/NP channels, V: G/NP tokens):
+  the 11-ratio clip search, most of the work, runs on NP times more SMs (one tile: 16 programs
+  ran the whole store on 16 of the H200's 132 SMs, 190 µs).
 * input read as fp16-rounded float32 (``x.float().half().float()``);
 * Hadamard rotation ``x @ H`` as ``tl.dot(..., input_precision="ieee")`` (fp32 FMAs, no TF32),
   accumulated over ``BK``-column chunks of x read straight from the input (``H`` is never held whole);
@@ -173,26 +177,29 @@ def _pack(c, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G: tl.constexpr, D: tl.constexpr,
-                    BITS: tl.constexpr, LEVELS: tl.constexpr, AXIS: tl.constexpr, CLIP: tl.constexpr,
-                    NR: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """RTN-quantize a (rotated, normalized) tile at BITS (LEVELS = 2**BITS - 1) and write codes, scale, zero."""
+def _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R: tl.constexpr, C: tl.constexpr,
+                    D: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, AXIS: tl.constexpr,
+                    CLIP: tl.constexpr, NR: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """RTN-quantize the block ``x [R, C]`` at rows ``r0..``, channels ``c0..`` of a (rotated,
+    normalized) tile at BITS (LEVELS = 2**BITS - 1) and write its codes and its groups' scale/zero.
+    The block holds whole groups (K: ``R = G`` tokens of C channels; V: R tokens of all ``C = D``
+    channels) and whole packed bytes (C a multiple of 8)."""
     codes, scale, zero = _rtn(x, ratios_ptr, AXIS, LEVELS, CLIP, NR, MIN_SCALE)
     c = codes.to(tl.int32)
-    rows = tl.arange(0, G)
+    rows = r0 + tl.arange(0, R)
     ROW: tl.constexpr = D * BITS // 8
     base = u8 + rec8 + tl.load(offs_ptr + 0) + rows[:, None] * ROW
     if BITS == 8:
-        tl.store(base + tl.arange(0, D)[None, :], c.to(tl.uint8))
+        tl.store(base + c0 + tl.arange(0, C)[None, :], c.to(tl.uint8))
     elif BITS == 3:
-        tl.store(base + tl.arange(0, D // 4)[None, :], _pack(c & 3, G, D, 2))
-        tl.store(base + D // 4 + tl.arange(0, D // 8)[None, :], _pack(c >> 2, G, D, 1))
+        tl.store(base + c0 // 4 + tl.arange(0, C // 4)[None, :], _pack(c & 3, R, C, 2))
+        tl.store(base + D // 4 + c0 // 8 + tl.arange(0, C // 8)[None, :], _pack(c >> 2, R, C, 1))
     else:
-        tl.store(base + tl.arange(0, ROW)[None, :], _pack(c, G, D, BITS))
+        tl.store(base + c0 * BITS // 8 + tl.arange(0, C * BITS // 8)[None, :], _pack(c, R, C, BITS))
     if AXIS == 0:
-        idx = tl.arange(0, D)
+        idx = c0 + tl.arange(0, C)
     else:
-        idx = tl.arange(0, G)
+        idx = rows
     tl.store(f16 + rec16 + tl.load(offs_ptr + 1) // 2 + idx, scale.to(tl.float16))
     tl.store(f16 + rec16 + tl.load(offs_ptr + 2) // 2 + idx, zero.to(tl.float16))
 
@@ -228,13 +235,13 @@ def _load_f16(x_ptr, s_g, s_d, rows, cols):
 
 
 @triton.jit
-def _encode_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr, prior_ptr, static_ptr,
-                 ratios_ptr, G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, AXIS: tl.constexpr,
-                 HAD: tl.constexpr, NORM: tl.constexpr, HAS_PRIOR: tl.constexpr, CLIP: tl.constexpr,
-                 FP8: tl.constexpr, FP8_SAT_CARRY: tl.constexpr, FP8_SAT_OVER: tl.constexpr,
-                 ITERS: tl.constexpr, EPS: tl.constexpr, NR: tl.constexpr,
-                 MIN_SCALE: tl.constexpr):
-    """Encode one head's tile (K: AXIS 0, groups over tokens; V: AXIS 1, groups over channels)."""
+def _prepare_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr, prior_ptr, static_ptr, ws,
+                  G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
+                  NORM: tl.constexpr, HAS_PRIOR: tl.constexpr, FP8: tl.constexpr, FP8_SAT_CARRY: tl.constexpr,
+                  FP8_SAT_OVER: tl.constexpr, ITERS: tl.constexpr, EPS: tl.constexpr):
+    """Phase 1 for one head's tile (K: AXIS 0, groups over tokens; V: AXIS 1, groups over channels):
+    fp16/fp8 heads are written whole; others are rotated and normalized (multipliers written to the
+    page) and the tile the quantizer sees goes to the float32 workspace ``ws [G, D]``."""
     rows = tl.arange(0, G)
     cols = tl.arange(0, D)
     if bits == 16:
@@ -267,49 +274,86 @@ def _encode_head(u8, f16, rec8, rec16, x_ptr, s_g, s_d, bits, offs_ptr, had_ptr,
                     tl.store(f16 + rec16 + tl.load(offs_ptr + 3) // 2 + cols, mult.to(tl.float16))
             elif NORM == 2:
                 x = tl.div_rn(x, tl.broadcast_to(tl.load(static_ptr + cols)[None, :], x.shape))
-            if bits == 2:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 2, 3.0, AXIS, CLIP, NR,
-                                MIN_SCALE)
-            elif bits == 3:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 3, 7.0, AXIS, CLIP, NR,
-                                MIN_SCALE)
-            elif bits == 4:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 4, 15.0, AXIS, CLIP, NR,
-                                MIN_SCALE)
-            elif bits == 8:
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 8, 255.0, AXIS, CLIP, NR,
-                                MIN_SCALE)
-            else:  # 1 bit
-                _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, G, D, 1, 1.0, AXIS, CLIP, NR,
-                                MIN_SCALE)
+            tl.store(ws + rows[:, None] * D + cols[None, :], x)
+
+
+@triton.jit
+def _quantize_part(u8, f16, rec8, rec16, bits, offs_ptr, ratios_ptr, ws, part, G: tl.constexpr, D: tl.constexpr,
+                   NP: tl.constexpr, AXIS: tl.constexpr, CLIP: tl.constexpr, FP8: tl.constexpr, NR: tl.constexpr,
+                   MIN_SCALE: tl.constexpr):
+    """Phase 2: part ``part`` of ``NP`` of one head's prepared tile (K: D/NP channels, V: G/NP
+    tokens; the groups are independent, so the clip search and the packing split without loss)."""
+    if bits != 16 and not FP8:
+        if AXIS == 0:
+            R: tl.constexpr = G
+            C: tl.constexpr = D // NP
+            r0 = 0
+            c0 = part * C
+        else:
+            R: tl.constexpr = G // NP
+            C: tl.constexpr = D
+            r0 = part * R
+            c0 = 0
+        x = tl.load(ws + (r0 + tl.arange(0, R))[:, None] * D + (c0 + tl.arange(0, C))[None, :])
+        if bits == 2:
+            _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R, C, D, 2, 3.0, AXIS, CLIP, NR,
+                            MIN_SCALE)
+        elif bits == 3:
+            _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R, C, D, 3, 7.0, AXIS, CLIP, NR,
+                            MIN_SCALE)
+        elif bits == 4:
+            _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R, C, D, 4, 15.0, AXIS, CLIP,
+                            NR, MIN_SCALE)
+        elif bits == 8:
+            _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R, C, D, 8, 255.0, AXIS, CLIP,
+                            NR, MIN_SCALE)
+        else:  # 1 bit
+            _quantize_store(x, u8, f16, rec8, rec16, offs_ptr, ratios_ptr, r0, c0, R, C, D, 1, 1.0, AXIS, CLIP, NR,
+                            MIN_SCALE)
 
 
 @triton.jit
 def _store_kernel(u8, f16, page_stride, page_stride16, k_ptr, v_ptr, sk_n, sk_h, sk_g, sk_d,
                   sv_n, sv_h, sv_g, sv_d, block_ids, bits_tab, offs_tab, had_ptr, k_prior, v_prior, v_static,
-                  ratios_ptr, H, G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, ITERS: tl.constexpr,
+                  ratios_ptr, ws_ptr, H, G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, ITERS: tl.constexpr,
                   EPS: tl.constexpr, NR: tl.constexpr, MIN_SCALE: tl.constexpr,
                   K_HAD: tl.constexpr, K_NORM: tl.constexpr, K_PRIOR: tl.constexpr, K_CLIP: tl.constexpr,
                   K_FP8: tl.constexpr, V_HAD: tl.constexpr, V_NORM: tl.constexpr, V_PRIOR: tl.constexpr,
                   V_CLIP: tl.constexpr, V_FP8: tl.constexpr, FP8_SAT_CARRY: tl.constexpr,
-                  FP8_SAT_OVER: tl.constexpr):
+                  FP8_SAT_OVER: tl.constexpr, PHASE: tl.constexpr, NP: tl.constexpr):
+    """PHASE 1: grid ``(n, H, 2)``, one program per (tile, head, K/V) prepares the tile; PHASE 2:
+    grid ``(n, H, 2 * NP)``, ``NP`` programs per head quantize and pack its parts."""
     t = tl.program_id(0)
     h = tl.program_id(1)
-    kind = tl.program_id(2)
+    if PHASE == 1:
+        kind = tl.program_id(2)
+        part = 0
+    else:
+        kind = tl.program_id(2) // NP
+        part = tl.program_id(2) % NP
     blk = tl.load(block_ids + t).to(tl.int64)
     rec8 = blk * page_stride
     rec16 = blk * page_stride16
     t64 = t.to(tl.int64)
     bits = tl.load(bits_tab + kind * H + h)
     offs_ptr = offs_tab + (kind * H + h) * 4
+    ws = ws_ptr + ((t64 * H + h) * 2 + kind) * (G * D)
     if kind == 0:
-        _encode_head(u8, f16, rec8, rec16, k_ptr + t64 * sk_n + h * sk_h, sk_g, sk_d, bits, offs_ptr, had_ptr,
-                     k_prior + h * D, v_static, ratios_ptr, G, D, BK, 0, K_HAD, K_NORM, K_PRIOR, K_CLIP, K_FP8,
-                     FP8_SAT_CARRY, FP8_SAT_OVER, ITERS, EPS, NR, MIN_SCALE)
+        if PHASE == 1:
+            _prepare_head(u8, f16, rec8, rec16, k_ptr + t64 * sk_n + h * sk_h, sk_g, sk_d, bits, offs_ptr, had_ptr,
+                          k_prior + h * D, v_static, ws, G, D, BK, 0, K_HAD, K_NORM, K_PRIOR, K_FP8, FP8_SAT_CARRY,
+                          FP8_SAT_OVER, ITERS, EPS)
+        else:
+            _quantize_part(u8, f16, rec8, rec16, bits, offs_ptr, ratios_ptr, ws, part, G, D, NP, 0, K_CLIP, K_FP8,
+                           NR, MIN_SCALE)
     else:
-        _encode_head(u8, f16, rec8, rec16, v_ptr + t64 * sv_n + h * sv_h, sv_g, sv_d, bits, offs_ptr, had_ptr,
-                     v_prior + h * D, v_static + h * D, ratios_ptr, G, D, BK, 1, V_HAD, V_NORM, V_PRIOR, V_CLIP,
-                     V_FP8, FP8_SAT_CARRY, FP8_SAT_OVER, ITERS, EPS, NR, MIN_SCALE)
+        if PHASE == 1:
+            _prepare_head(u8, f16, rec8, rec16, v_ptr + t64 * sv_n + h * sv_h, sv_g, sv_d, bits, offs_ptr, had_ptr,
+                          v_prior + h * D, v_static + h * D, ws, G, D, BK, 1, V_HAD, V_NORM, V_PRIOR, V_FP8,
+                          FP8_SAT_CARRY, FP8_SAT_OVER, ITERS, EPS)
+        else:
+            _quantize_part(u8, f16, rec8, rec16, bits, offs_ptr, ratios_ptr, ws, part, G, D, NP, 1, V_CLIP, V_FP8,
+                           NR, MIN_SCALE)
 
 
 # -- host side -------------------------------------------------------------------------------------
@@ -399,8 +443,18 @@ def store_tiles(layout: PageLayout, pages: torch.Tensor, k: torch.Tensor, v: tor
     pages16 = pages[:, : pages.shape[1] // 2 * 2].view(torch.float16)  # the fp16 fields' pointer
     ids = block_ids.to(device=dev).reshape(-1).contiguous()
     k, v = k.to(dev), v.to(dev)
-    _store_kernel[(n, h, 2)](
-        pages, pages16, pages.stride(0), pages16.stride(0), k, v, *k.stride(), *v.stride(), ids,
-        tabs.bits, tabs.offsets, tabs.hadamard, tabs.k_prior, tabs.v_prior, tabs.v_static, tabs.ratios, h,
-        **tabs.meta, num_warps=num_warps or _num_warps(g, d), num_stages=1, enable_fp_fusion=False,
-    )
+    # the prepared tiles the quantizer sees: float32 [n, H, 2, G, D], transient (bounded by the step)
+    ws = torch.empty(n * h * 2 * g * d, dtype=torch.float32, device=dev)
+    parts = store_parts(g, d)
+    args = (pages, pages16, pages.stride(0), pages16.stride(0), k, v, *k.stride(), *v.stride(), ids,
+            tabs.bits, tabs.offsets, tabs.hadamard, tabs.k_prior, tabs.v_prior, tabs.v_static, tabs.ratios, ws, h)
+    _store_kernel[(n, h, 2)](*args, **tabs.meta, PHASE=1, NP=parts, num_warps=num_warps or _num_warps(g, d),
+                             num_stages=1, enable_fp_fusion=False)
+    _store_kernel[(n, h, 2 * parts)](*args, **tabs.meta, PHASE=2, NP=parts, num_warps=4, num_stages=1,
+                                     enable_fp_fusion=False)
+
+
+def store_parts(g: int, d: int) -> int:
+    """Programs per head in the quantize phase: 8 where the parts stay whole packed bytes (K parts
+    are D/8 channels: at least 8, one 1-bit byte) and at least 8 tokens (V)."""
+    return max(1, min(8, d // 8, g // 8))
