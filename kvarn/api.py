@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import KvarnError
+from .errors import KvarnError, printable
 from .outputs import check_output, is_png
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
@@ -285,8 +285,8 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
     """Summarise a recipe; with ``plot``, write a PNG heatmap of bits per layer and head."""
     if plot is not None:
         plot = check_output(plot, flag="--plot", what="PNG", is_ours=is_png, overwrite=overwrite)
-    header = read_header(recipe)
-    r = Recipe.load(recipe)
+    header = read_header(recipe, flag=None)
+    r = Recipe.load(recipe, flag=None)
     per_layer = r.bytes_per_token()
     summary = {
         **header,
@@ -305,13 +305,17 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
 
 
 def format_inspect(s: dict) -> str:
-    fp = s["fingerprint"]
+    """The text report of ``inspect``; every value read from the file goes through ``printable``
+    (a recipe's metadata is untrusted: no control characters reach the terminal, lengths capped)."""
+    fp, P = s["fingerprint"], printable
     lines = [
-        f"recipe {s['path']} (format {s['format_version']}, kvarn {s['kvarn_version']}, created {s['created']}, seed {s['seed']})",
-        f"model: {s['model_id']} — {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads, head_dim {fp['head_dim']} (fingerprint {s['fingerprint_digest']})",
-        f"calibration: {s['calibration']}",
-        f"budget: {s['budget']}; tile {s['tile']}, first tile fp16: {s['keep_first_tile']}",
-        f"formats: K {s['k_format']}  V {s['v_format']}",
+        f"recipe {P(s['path'], 300)} (format {P(s['format_version'])}, kvarn {P(s['kvarn_version'], 64)}, "
+        f"created {P(s['created'], 64)}, seed {s['seed']})",
+        f"model: {P(s['model_id'], 200)} — {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads, head_dim {fp['head_dim']} "
+        f"(fingerprint {P(s['fingerprint_digest'], 64)})",
+        f"calibration: {P(s['calibration'], 400)}",
+        f"budget: {P(s['budget'])}; tile {s['tile']}, first tile fp16: {s['keep_first_tile']}",
+        f"formats: K {P(s['k_format'])}  V {P(s['v_format'])}",
         f"achieved: {s['bits_per_element']:.3f} bits/element (scales included), {s['compression']:.2f}x smaller than fp16; "
         f"{s['bytes_per_token']:.1f} of {s['fp16_bytes_per_token']} fp16 bytes per token",
         f"K bits histogram (layer×head): {s['k_bits_histogram']}   V: {s['v_bits_histogram']}",
