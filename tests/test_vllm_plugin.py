@@ -495,3 +495,26 @@ def test_server_start_up_failure_is_one_line_at_the_end(model_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert err[-1].startswith("kvarn: error: ") and "missing.safetensors" in err[-1] and "--kvarn-recipe" in err[-1], err[-3:]
+
+
+def test_server_soak_short(tmp_path):
+    """``bench/soak_cpu.py``, short: 16 real prompts (50-1500 tokens) at 8 concurrent plus 2
+    malformed requests against the server with the shipped recipe; every completion checked (text,
+    finite log-probs, not degenerate), every malformed request a 4xx, the server alive after and
+    stopped by its PID. The RSS bound needs more rounds than CI can afford: the full run
+    (``bench/NOTES.md``) checks it."""
+    out = tmp_path / "soak.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "soak_cpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--requests", "16", "--warmup", "8", "--max-tokens", "16",
+                           "--max-seconds", "540", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print("\n" + proc.stdout[-1500:])
+    rep = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert rep["completed"] == 16 and rep["failed"] == 0, rep["failures"]
+    assert 50 <= rep["prompt_tokens"]["min"] and rep["prompt_tokens"]["max"] <= 1500
+    assert len(rep["malformed"]) == 2 and all(400 <= m["status"] < 500 for m in rep["malformed"]), rep["malformed"]
+    assert rep["alive_after"] and rep["server_stop"] == "stopped by SIGTERM"
+    assert len(rep["rss_samples"]) >= 10 and all(mib > 100 for _, mib in rep["rss_samples"])
+    with pytest.raises(ProcessLookupError):  # the server is gone
+        os.kill(rep["server_pid"], 0)

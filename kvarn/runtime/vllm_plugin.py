@@ -235,9 +235,11 @@ def finish_engine_config(vllm_config, spec: str) -> None:
 def report_startup_failure(error: KvarnError, from_cli: bool) -> None:
     """Put kvarn's one line where it is seen. From a command line (``vllm serve``) the server
     cannot start anyway: print ``kvarn: error: ...`` as the last line on stderr and exit 2, instead
-    of a 60-line traceback that ends in it (the traceback is logged at debug level). From Python
+    of a 60-line traceback that ends in it (the traceback is logged at debug level,
+    ``VLLM_LOGGING_LEVEL=DEBUG``). From Python
     (``LLM(...)``) the ``KvarnError`` propagates to the caller, with its one-line message."""
-    logger.debug("kvarn: start-up failed", exc_info=error)
+    # through vLLM's own logger, which vLLM configures: shown with VLLM_LOGGING_LEVEL=DEBUG
+    logging.getLogger("vllm").debug("kvarn: start-up failed: %s", error, exc_info=error)
     if from_cli:
         sys.stderr.write(f"kvarn: error: {error}\n")
         sys.stderr.flush()
