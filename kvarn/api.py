@@ -131,7 +131,8 @@ def calibrate(
     name = loaded.model_id if loaded is not None else (model or "the embedded model")
     D = _config_shape(config, name)[2]
     check_head_dim(D, f"{name}: head_dim")
-    preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None)
+    preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
+                           device=None if loaded is None else loaded.model.device)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
     v_fmt = TensorFormat((), "token", v_normalize, clip=clip)
     min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
@@ -237,7 +238,8 @@ def evaluate(
     L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
     for path, r in recipes:
         r.check_model(config, path)
-    preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None)
+    preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None,
+                           device=None if loaded is None else loaded.model.device)
     body, desc = load_text(text)
     lm = loaded or load_model(model)
     schemes = {"fp16": None}

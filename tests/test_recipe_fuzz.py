@@ -50,6 +50,7 @@ def _paths(obj, prefix=()):
 def _mutate(data, meta: dict, tensors: dict) -> tuple[dict, dict]:
     meta, tensors = dict(meta), dict(tensors)
     info = json.loads(meta["recipe"])
+    raw_recipe = False
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
         what = data.draw(st.sampled_from(["info", "info", "info", "tensor", "tensor", "top"]), label="what")
         if what == "info":
@@ -87,6 +88,7 @@ def _mutate(data, meta: dict, tensors: dict) -> tuple[dict, dict]:
             key = data.draw(st.sampled_from(["format", "format_version", "kvarn_version", "recipe", "other"]), label="top key")
             meta[key] = data.draw(st.text(max_size=20) | st.sampled_from(["2.0", "1.9", "x.y", "kvarn-recipe", "null", "[]"]),
                                   label="top value")
+            raw_recipe = raw_recipe or key == "recipe"
     if data.draw(st.booleans(), label="forge consistently"):
         if isinstance(info.get("fingerprint"), dict):
             try:
@@ -95,8 +97,7 @@ def _mutate(data, meta: dict, tensors: dict) -> tuple[dict, dict]:
                 pass
         info.pop("achieved_bits_per_element", None)
         info.pop("compression", None)
-    if "recipe" in meta and meta["recipe"] == json.loads(json.dumps(meta["recipe"])) and not data.draw(
-            st.booleans(), label="keep top-level recipe text"):
+    if not raw_recipe:  # the edited JSON, unless the top-level "recipe" text itself was replaced
         meta["recipe"] = json.dumps(info)
     return meta, tensors
 
