@@ -286,6 +286,9 @@ def test_paths_that_are_not_files_get_their_own_words(tmp_path):
     textloop = tmp_path / "loop.txt"
     textloop.symlink_to(textloop)
     assert_fails(run("calibrate", "--calib", textloop, "-o", tmp_path / "x.safetensors"), "loop.txt", "symbolic link loop")
+    out_loop = tmp_path / "out.safetensors"
+    out_loop.symlink_to(out_loop)
+    assert_fails(run("calibrate", tmp_path / "no-model", "-o", out_loop), "out.safetensors", "symbolic link loop")
     model_loop = tmp_path / "m.gguf"
     model_loop.symlink_to(model_loop)
     assert_fails(run("calibrate", model_loop, "-o", tmp_path / "x.safetensors"), "m.gguf", "symbolic link loop")
