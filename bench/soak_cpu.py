@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -208,6 +209,12 @@ def summarize_rss(round_rss: list[int], warmup_rounds: int, bound_mib: float) ->
     return out
 
 
+def dump_json(report: dict) -> str:
+    """Indented JSON with each (seconds, MiB) sample on one line."""
+    text = json.dumps(report, indent=1)
+    return re.sub(r"\[\s+(-?[\d.]+),\s+(-?[\d.]+)\s+\]", r"[\1, \2]", text) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64, help="good completions to send")
@@ -340,7 +347,7 @@ def main(argv=None) -> int:
     print(f"{'PASS' if report['ok'] else 'FAIL'}; server {report['server_stop']}; log {log_path}")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=1))
+        Path(args.json_out).write_text(dump_json(report))
         print(f"wrote {args.json_out}")
     return 0 if report["ok"] else 1
 
