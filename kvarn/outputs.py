@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import KvarnError
+from .paths import kind_of, path_problem
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".pkl", ".h5", ".msgpack")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +34,10 @@ def check_output(path: str | os.PathLike, *, flag: str, what: str, is_ours: Call
     p = Path(path).expanduser()
     if p.is_symlink() or p.exists():
         if not p.is_file():
-            kind = "a folder" if p.is_dir() else "not a regular file (a device, pipe, socket or dangling link)"
+            problem = path_problem(p)
+            if problem is not None:  # a link that leads nowhere (dangling, or a loop)
+                raise KvarnError(f"{flag} {p}: {problem}; kvarn does not write through it — give a file path")
+            kind = "a folder" if p.is_dir() else f"{kind_of(p)}, not a regular file"
             raise KvarnError(f"{flag} {p}: exists and is {kind}; kvarn writes only regular files — give a file path")
         if not is_ours(p):
             if p.suffix.lower() in WEIGHT_SUFFIXES:

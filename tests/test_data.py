@@ -388,7 +388,12 @@ def test_make_windows_empty_and_bad_sizes():
     _assert_one_line_error(ei, "empty-thing.txt", "empty")
     with pytest.raises(KvarnError) as ei:
         make_windows(tok, "hello there", 0, 8, "sizes.txt")
-    _assert_one_line_error(ei, "sizes.txt", "num_windows")
+    _assert_one_line_error(ei, "sizes.txt", "--num-samples")
+    # eval's flags are named in eval's messages, never calibrate's
+    with pytest.raises(KvarnError) as ei:
+        make_windows(tok, "hello there", 50, 8, "held.txt", flags=("--num-windows", "--seq-len"))
+    msg = _assert_one_line_error(ei, "held.txt", "--num-windows")
+    assert "--num-samples" not in msg
     with pytest.raises(KvarnError) as ei:
         make_windows(tok, "hello there", 1, 1, "sizes.txt")
     _assert_one_line_error(ei, "sizes.txt", "seq-len")

@@ -175,3 +175,144 @@ def test_unsupported_tile_head_dim_and_options(tmp_path, good):
     assert_error(lambda: Recipe.load(p), "opt.safetensors", "normalize")
     p = _resave(good, tmp_path / "json.safetensors", meta_change=lambda m: m.update(recipe="{not json"))
     assert_error(lambda: Recipe.load(p), "json.safetensors", "JSON")
+
+
+# -- recipes validated as data (issue 10, point 3) ----------------------------------------------
+def _set_info(**changes):
+    def change(meta):
+        info = json.loads(meta["recipe"])
+        for key, value in changes.items():
+            obj, *path = key.split("__")
+            target = info
+            for part in [obj, *path][:-1]:
+                target = target[part]
+            target[[obj, *path][-1]] = value
+        meta["recipe"] = json.dumps(info)
+    return change
+
+
+def _fix_digest(meta):
+    """Recompute the fingerprint digest after an edit, as a careful forger would."""
+    info = json.loads(meta["recipe"])
+    fp = dict(info["fingerprint"])
+    import hashlib
+
+    info["fingerprint_digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    meta["recipe"] = json.dumps(info)
+
+
+@pytest.mark.parametrize("changes, needles", [
+    ({"fingerprint__num_layers": 0}, ("fingerprint.num_layers", "0", "[1, 4096]")),
+    ({"fingerprint__num_layers": "30"}, ("fingerprint.num_layers", '"30"', "a string", "integer")),
+    ({"fingerprint__num_layers": True}, ("fingerprint.num_layers", "bool")),
+    ({"seed": "abc"}, ("seed", "abc", "integer")),
+    ({"keep_first_tile": "false"}, ("keep_first_tile", "a string", "JSON boolean")),
+    ({"keep_first_tile": 0}, ("keep_first_tile", "JSON boolean")),
+    ({"tile": "128"}, ("tile", "integer")),
+    ({"candidate_bits": [4, 2]}, ("candidate_bits", "strictly increasing")),
+    ({"candidate_bits": []}, ("candidate_bits",)),
+    ({"k_format__codec": "rtn-sym"}, ("k_format.codec", "rtn")),
+    ({"v_format__axis": "channel"}, ("v_format.axis", "token")),
+    ({"k_format__hadamard": "yes"}, ("k_format.hadamard", "boolean")),
+    ({"budget__avg_bits": float("nan")}, ("budget.avg_bits",)),
+    ({"calibration__objective": "vibes"}, ("calibration.objective", "fisher")),
+    ({"created": "yesterday"}, ("created", "ISO 8601")),
+    ({"model_id": 5}, ("model_id", "string")),
+    ({"achieved_bits_per_element": 1.0}, ("achieved_bits_per_element", "bit tables")),
+])
+def test_metadata_fields_have_types_and_ranges(tmp_path, good, changes, needles):
+    p = _resave(good, tmp_path / "edited.safetensors", meta_change=_set_info(**changes))
+    msg = assert_error(lambda: Recipe.load(p), "edited.safetensors", *needles)
+    assert "Traceback" not in msg
+    if "achieved_bits_per_element" not in changes:  # needs the bit tables: checked by load only
+        assert_error(lambda: read_header(p), "edited.safetensors")  # inspect reads the header the same way
+
+
+@pytest.mark.parametrize("value, needle", [("[1, 2]", "JSON list"), ("null", "JSON null"), ('"x"', "JSON str"),
+                                           ("[" * 20000 + "]" * 20000, "not JSON")])
+def test_recipe_json_must_be_an_object(tmp_path, good, value, needle):
+    p = _resave(good, tmp_path / "j.safetensors", meta_change=lambda m: m.update(recipe=value))
+    assert_error(lambda: Recipe.load(p), "j.safetensors", needle)
+
+
+def test_fingerprint_digest_is_recomputed(tmp_path, good):
+    # a forged digest next to the true fingerprint
+    p = _resave(good, tmp_path / "forged.safetensors", meta_change=_set_info(fingerprint_digest="0123456789abcdef"))
+    assert_error(lambda: Recipe.load(p), "forged.safetensors", "fingerprint_digest", "0123456789abcdef", "recomputed")
+    # a fingerprint edited to pass as another model's, digest left as it was
+    p = _resave(good, tmp_path / "other.safetensors", meta_change=_set_info(fingerprint__vocab_size=999))
+    assert_error(lambda: Recipe.load(p), "other.safetensors", "fingerprint_digest")
+    # edited and digest recomputed: loads, and the model check still refuses it (vocab differs)
+    def edit(m):
+        _set_info(fingerprint__vocab_size=999)(m)
+        _fix_digest(m)
+    p = _resave(good, tmp_path / "consistent.safetensors", meta_change=edit)
+    assert_error(lambda: Recipe.load(p).check_model(tiny_config(), p), "consistent.safetensors", "vocab_size")
+
+
+@pytest.mark.parametrize("value, needle", [(-80.0, "-80"), (12.0, "12"), (-10.0, "-10")])
+def test_priors_have_a_physical_range(tmp_path, good, value, needle):
+    """log_std −80 passed the old finiteness check and made eval print ppl nan."""
+    def change(t):
+        t["layers.1.v.log_std"] = t["layers.1.v.log_std"].clone()
+        t["layers.1.v.log_std"][0, 3] = value
+    p = _resave(good, tmp_path / "prior.safetensors", tensor_change=change)
+    assert_error(lambda: Recipe.load(p), "prior.safetensors", "v log_std", needle, "layer 1, head 0", "-9.70, 11.09")
+    from kvarn.quant.formats import LOG_STD_MAX, LOG_STD_MIN
+
+    assert LOG_STD_MIN == pytest.approx(-9.704, abs=1e-3) and LOG_STD_MAX == pytest.approx(11.090, abs=1e-3)
+
+
+def test_errors_and_bits_have_ranges(tmp_path, good):
+    def neg(t):
+        t["layers.0.k.err"] = -t["layers.0.k.err"]
+    p = _resave(good, tmp_path / "err.safetensors", tensor_change=neg)
+    assert_error(lambda: Recipe.load(p), "err.safetensors", "k err", ">= 0")
+    # 1 is a width kvarn can store, but not one this recipe was calibrated for
+    def one_bit(t):
+        t["layers.0.v.bits"] = torch.tensor([1, 1], dtype=torch.int8)
+    p = _resave(good, tmp_path / "bits1.safetensors", tensor_change=one_bit)
+    assert_error(lambda: Recipe.load(p), "bits1.safetensors", "v bits value 1", "[2, 3, 4, 8, 16]")
+
+
+def test_huge_and_hostile_metadata(tmp_path, good):
+    big = _resave(good, tmp_path / "big.safetensors", meta_change=_set_info(model_id="x" * (10 << 20)))
+    msg = assert_error(lambda: Recipe.load(big), "big.safetensors", "recipe", "MiB", "64 KiB")
+    assert len(msg) < 400
+    extra = _resave(good, tmp_path / "extra.safetensors", meta_change=lambda m: m.update(junk="y" * (10 << 20)))
+    assert_error(lambda: read_header(extra), "extra.safetensors", "junk", "64 KiB")
+    # ANSI escapes and a carriage return in the model id: loads (it is only a name), printed escaped
+    evil = "\x1b[2J\x1b[31mpwned\rmodel\u202e"
+    p = _resave(good, tmp_path / "ansi.safetensors", meta_change=_set_info(model_id=evil))
+    assert Recipe.load(p).model_id == evil
+    from kvarn import api
+
+    text = api.format_inspect(api.inspect(p))
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    assert "\\x1b[2J\\x1b[31mpwned\\x0dmodel\\u202e" in text
+    with pytest.raises(KvarnError) as e:  # and in an error message naming it
+        Recipe.load(p).check_model(tiny_config(num_hidden_layers=4), p)
+    assert "\x1b" not in str(e.value) and "\\x1b[31mpwned" in str(e.value)
+
+
+def test_paths_that_are_not_recipe_files(tmp_path, good):
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert_error(lambda: Recipe.load(loop), "loop.safetensors", "symbolic link loop")
+    dangling = tmp_path / "dangling.safetensors"
+    dangling.symlink_to(tmp_path / "gone.safetensors")
+    assert_error(lambda: Recipe.load(dangling), "dangling.safetensors", "dangling", "gone.safetensors")
+    folder = tmp_path / "holder"
+    (folder / "kvarn_recipe.safetensors").mkdir(parents=True)  # a folder with a recipe's name
+    assert_error(lambda: Recipe.load(folder / "kvarn_recipe.safetensors"), "kvarn_recipe.safetensors", "is a folder")
+    assert_error(lambda: Recipe.load(folder), "kvarn_recipe.safetensors", "is a folder")
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    assert_error(lambda: Recipe.load(empty), "empty-folder", "no recipe in it")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    assert_error(lambda: Recipe.load(fifo), "pipe.safetensors", "named pipe")  # and it does not block reading it
+    # the hint names the flag of the command that was used
+    assert_error(lambda: Recipe.load(tmp_path / "nope.safetensors", flag="--kvarn-recipe"), "--kvarn-recipe")
+    msg = assert_error(lambda: Recipe.load(tmp_path / "nope.safetensors", flag=None), "kvarn calibrate")
+    assert "--recipe" not in msg

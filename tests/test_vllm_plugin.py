@@ -438,3 +438,83 @@ def test_v026_spec_keeps_per_layer_pages():
     assert KvarnFullAttentionSpec.merge([a, replace(a)]).kvarn_page_bytes == 15616
     with pytest.raises(AssertionError):
         KvarnFullAttentionSpec.merge([a, b])
+
+
+# ---------------------------------------------------------------------------------------------
+def test_invalid_recipes_fail_in_one_line_before_allocation(model_dir, recipe_path, tmp_path):
+    """Recipes that load but would poison the cache (issue 10): refused by the front end, naming
+    vLLM's flag, before the engine allocates anything."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(recipe_path, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+    def variant(name, info_change=None, tensor_change=None, raw=None):
+        info = json.loads(meta["recipe"])
+        if info_change:
+            info_change(info)
+        t = dict(tensors)
+        if tensor_change:
+            tensor_change(t)
+        path = tmp_path / f"{name}.safetensors"
+        save_file(t, str(path), metadata={**meta, "recipe": raw if raw is not None else json.dumps(info)})
+        return str(path)
+
+    def low_prior(t):
+        t["layers.3.v.log_std"] = torch.full_like(t["layers.3.v.log_std"], -80.0)
+
+    cases = [
+        (variant("layers-str", lambda i: i["fingerprint"].update(num_layers="30")), "fingerprint.num_layers"),
+        (variant("layers-0", lambda i: i["fingerprint"].update(num_layers=0)), "fingerprint.num_layers"),
+        (variant("seed", lambda i: i.update(seed="abc")), "seed"),
+        (variant("keep", lambda i: i.update(keep_first_tile="false")), "keep_first_tile"),
+        (variant("list", raw="[]"), "JSON list"),
+        (variant("null", raw="null"), "JSON null"),
+        (variant("digest", lambda i: i.update(fingerprint_digest="0" * 16)), "fingerprint_digest"),
+        (variant("prior", tensor_change=low_prior), "log_std"),
+    ]
+    for path, needle in cases:
+        msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn",
+                                                   additional_config={"kvarn_recipe": path}).create_engine_config())
+        assert needle in msg and Path(path).name in msg, msg
+    msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": str(tmp_path / "nope.safetensors")})
+                          .create_engine_config())
+    assert "--kvarn-recipe" in msg and "--recipe " not in msg, msg
+
+
+def test_server_start_up_failure_is_one_line_at_the_end(model_dir, tmp_path):
+    """`vllm serve ... --kvarn-recipe missing`: exit 2, kvarn's line last on stderr, no traceback."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+           "--port", str(_free_port()), "--kv-cache-dtype", "kvarn", "--kvarn-recipe", str(tmp_path / "missing.safetensors"),
+           "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert err[-1].startswith("kvarn: error: ") and "missing.safetensors" in err[-1] and "--kvarn-recipe" in err[-1], err[-3:]
+
+
+def test_server_soak_short(tmp_path):
+    """``bench/soak_cpu.py``, short: 16 real prompts (50-1500 tokens) at 8 concurrent plus 2
+    malformed requests against the server with the shipped recipe; every completion checked (text,
+    finite log-probs, not degenerate), every malformed request a 4xx, the server alive after and
+    stopped by its PID. The RSS bound needs more rounds than CI can afford: the full run
+    (``bench/NOTES.md``) checks it."""
+    out = tmp_path / "soak.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "soak_cpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--requests", "16", "--warmup", "8", "--max-tokens", "16",
+                           "--max-seconds", "540", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print("\n" + proc.stdout[-1500:])
+    rep = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert rep["completed"] == 16 and rep["failed"] == 0, rep["failures"]
+    assert 50 <= rep["prompt_tokens"]["min"] and rep["prompt_tokens"]["max"] <= 1500
+    assert len(rep["malformed"]) == 2 and all(400 <= m["status"] < 500 for m in rep["malformed"]), rep["malformed"]
+    assert rep["alive_after"] and rep["server_stop"] == "stopped by SIGTERM"
+    assert len(rep["rss_samples"]) >= 10 and all(mib > 100 for _, mib in rep["rss_samples"])
+    with pytest.raises(ProcessLookupError):  # the server is gone
+        os.kill(rep["server_pid"], 0)

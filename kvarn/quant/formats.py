@@ -16,6 +16,7 @@ A layer's cache is described by a ``LayerFormat``: tile size G, head_dim D and o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import KvarnError
@@ -28,6 +29,11 @@ AXES = ("channel", "token")
 NORMALIZE = ("none", "tile", "static")
 CODECS = ("rtn", "rtn-sym", "fp8")
 _FP16_BYTES = 2
+# The range of a calibrated per-channel log-std prior: the std of fp16 activations the runtime can
+# divide by, from fp16's smallest normal to its largest finite number (the per-tile normalization
+# multipliers are clamped to the same range). Calibration clamps into it; recipes outside it are refused.
+LOG_STD_MIN = math.log(2.0**-14)
+LOG_STD_MAX = math.log(65504.0)
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,13 @@ SUPPORTED_BITS = (1, 2, 3, 4, 8)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 # fp16's smallest normal; a scale below it would lose precision or flush to zero.
 _MIN_SCALE = 6.2e-5
+_MAX_SCALE = 65504.0
 
 
 def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE).half().float()
+    # saturate at fp16's largest finite number: a scale that rounds to inf turns every code into NaN
+    scale = ((hi - lo) / levels).clamp(_MIN_SCALE, _MAX_SCALE).half().float()
     zero = lo.clamp(-65504.0, 65504.0).half().float()
     return scale, zero
 

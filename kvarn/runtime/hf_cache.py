@@ -189,7 +189,7 @@ class KVarNCache(Cache):
 
     def __init__(self, recipe, model=None):
         path = recipe if not isinstance(recipe, Recipe) else "recipe"
-        r = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+        r = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe, flag=None)  # Python API: no flag
         if model is not None:
             r.check_model(model.config, path)
         self.recipe = r

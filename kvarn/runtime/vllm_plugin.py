@@ -190,7 +190,7 @@ def prepare_engine_args(args) -> object:
     if spec not in kvarn_presets():
         from ..recipe import Recipe
 
-        recipe = Recipe.load(spec)  # one-line KvarnError for missing/corrupt/newer files
+        recipe = Recipe.load(spec, flag=FLAG)  # one-line KvarnError for missing/corrupt/newer/invalid files
         tile = recipe.tile
         spec = str(Path(spec).expanduser().resolve())
     else:
@@ -230,6 +230,20 @@ def finish_engine_config(vllm_config, spec: str) -> None:
         cc.kv_cache_memory_bytes -= staging
     logger.info("kvarn: %s, %.2fx smaller than fp16 per cached token; fp16 staging %d slots (%.1f MiB)",
                 source.name, _compression(source), slots, staging / 2**20)
+
+
+def report_startup_failure(error: KvarnError, from_cli: bool) -> None:
+    """Put kvarn's one line where it is seen. From a command line (``vllm serve``) the server
+    cannot start anyway: print ``kvarn: error: ...`` as the last line on stderr and exit 2, instead
+    of a 60-line traceback that ends in it (the traceback is logged at debug level,
+    ``VLLM_LOGGING_LEVEL=DEBUG``). From Python
+    (``LLM(...)``) the ``KvarnError`` propagates to the caller, with its one-line message."""
+    # through vLLM's own logger, which vLLM configures: shown with VLLM_LOGGING_LEVEL=DEBUG
+    logging.getLogger("vllm").debug("kvarn: start-up failed: %s", error, exc_info=error)
+    if from_cli:
+        sys.stderr.write(f"kvarn: error: {error}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
 
 
 def _compression(source) -> float:
@@ -312,16 +326,24 @@ class _Compat:
             if recipe:
                 extra = engine_args.additional_config if isinstance(engine_args.additional_config, dict) else {}
                 engine_args.additional_config = {**extra, CONFIG_KEY: recipe}
+            try:
+                engine_args._kvarn_from_cli = True  # a command line: failures end the process in one line
+            except (AttributeError, TypeError):
+                pass
             return engine_args
 
         def create_engine_config(self, *a, **kw):
-            check_model_folder(self.model)
-            if self.kv_cache_dtype != KV_CACHE_DTYPE:
-                return orig_create(self, *a, **kw)
-            spec = prepare_engine_args(self)
-            vllm_config = orig_create(self, *a, **kw)
-            finish_engine_config(vllm_config, spec)
-            return vllm_config
+            try:
+                check_model_folder(self.model)
+                if self.kv_cache_dtype != KV_CACHE_DTYPE:
+                    return orig_create(self, *a, **kw)
+                spec = prepare_engine_args(self)
+                vllm_config = orig_create(self, *a, **kw)
+                finish_engine_config(vllm_config, spec)
+                return vllm_config
+            except KvarnError as e:
+                report_startup_failure(e, from_cli=getattr(self, "_kvarn_from_cli", False))
+                raise
 
         EngineArgs.add_cli_args = staticmethod(add_cli_args)
         EngineArgs.from_cli_args = classmethod(from_cli_args)

@@ -197,3 +197,18 @@ def test_fake_quantize_symmetric_matches_reference(shape, bits, dim, seed):
         err = (gg[i] - gx[i]).abs().max().item()
         bound = s / 2 + max(0.0, max(abs(v) for v in vals) - qmax * s) + 1e-6
         assert err <= bound, f"group {i}: symmetric |x - x_hat| {err:.3e} > {bound:.3e}"
+
+
+def test_scale_saturates_instead_of_overflowing_fp16():
+    """A group wider than fp16 can scale (e.g. values divided by a tiny prior) must come back
+    finite: an fp16 scale of inf would make every code NaN (ppl nan, empty completions)."""
+    import torch
+
+    from kvarn.quant.rtn import fake_quantize_rtn, quantize_rtn
+
+    x = torch.tensor([[-3e5, 0.0, 1.0, 4e5]])
+    for bits in (1, 2, 8):
+        for clip in (False, True):
+            _, scale, zero = quantize_rtn(x, bits, dim=-1, clip=clip)
+            assert torch.isfinite(scale).all() and float(scale.max()) <= 65504.0
+            assert torch.isfinite(fake_quantize_rtn(x, bits, -1, clip)).all()
