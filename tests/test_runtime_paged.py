@@ -44,8 +44,9 @@ def test_layout_round_trip_matches_codec(d, v_norm):
 
 
 def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=0, shuffle_blocks=True,
-         fp16_inputs=True):
-    """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step."""
+         fp16_inputs=True, device="cpu"):
+    """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step (the
+    engine's tensors on ``device``; the reference always on the CPU)."""
     torch.manual_seed(seed)
     n = len(seq_chunks)
     q = torch.randn(n, T, HQ, d)
@@ -57,9 +58,9 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
     order = torch.randperm(nblocks - 1) + 1 if shuffle_blocks else torch.arange(1, nblocks)
     blocks = [order[i * (-(-T // G)):(i + 1) * (-(-T // G))].tolist() for i in range(n)]
     lay = source.layout(0)
-    pages = torch.zeros(nblocks, lay.nbytes + 6, dtype=torch.uint8)  # pages may be padded (to an even size: fp16 fields)
+    pages = torch.zeros(nblocks, lay.nbytes + 6, dtype=torch.uint8, device=device)  # padded pages (even size: fp16 fields)
     table = StagingTable(staging_slots(n, source.keep_first_tile), G, source.keep_first_tile)
-    staging = torch.zeros(table.num_slots, 2, H, G, d, dtype=torch.float16)
+    staging = torch.zeros(table.num_slots, 2, H, G, d, dtype=torch.float16, device=device)
     out = torch.zeros(n, T, HQ, d)
     pos = [0] * n
     for step in range(max(len(c) for c in seq_chunks)):
@@ -73,11 +74,12 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
             at += ql
             pos[i] += ql
         steps = table.plan(seqs)
-        qb = torch.cat([q[i, a:b] for i, a, b in rows])
-        kb = torch.cat([k[i, a:b] for i, a, b in rows])
-        vb = torch.cat([v[i, a:b] for i, a, b in rows])
+        qb = torch.cat([q[i, a:b] for i, a, b in rows]).to(device)
+        kb = torch.cat([k[i, a:b] for i, a, b in rows]).to(device)
+        vb = torch.cat([v[i, a:b] for i, a, b in rows]).to(device)
         ob = torch.zeros_like(qb)
         attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob)
+        ob = ob.cpu()
         at = 0
         for i, a, b in rows:
             out[i, a:b] = ob[at:at + b - a]
@@ -122,7 +124,7 @@ def test_chunked_prefill_and_decode_with_triton_ops(monkeypatch):
                       torch.randn(1, H, d) * 0.2)
     T = 2 * G + 21
     chunks = [[T - 3] + [1] * 3, [70, 58, 1] + [1] * (T - 129)]
-    out, ref = _run(src, chunks, T, d)
+    out, ref = _run(src, chunks, T, d, device="cuda" if torch.cuda.is_available() else "cpu")
     rel = ((out - ref).norm() / ref.norm()).item()
     assert not torch.isnan(out).any() and rel < 3e-3, f"triton ops: relative error {rel:.2e} vs the reference"
 
