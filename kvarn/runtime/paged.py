@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.decode import decode, merge, paged_attention, partial_attention
+from ..ops.decode import causal_attention, decode, merge, paged_attention, partial_attention
 from ..ops.layout import PageLayout, check_storable
 from ..ops.store import store_tiles
 from ..quant.formats import tile_bytes
@@ -311,7 +311,7 @@ def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k,
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    out: torch.Tensor, batch: DecodeBatch | None = None,
+    out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled",
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -320,30 +320,34 @@ def attend_layer(
 
     Single-token decode rows take ``_attend_decode`` (``batch``: their ``decode_batch``, built here
     when the caller has none); the other rows (prefill chunks, placeholders) ``_attend_general``.
+    ``prefill``: how a chunk reads the tiles it completes itself — ``"tiled"`` as the reference
+    (quantized for its later tiles' queries), ``"raw"`` as serving engines do (the chunk attends
+    over its own raw keys with FlashAttention; only what was cached before the chunk is read from
+    the cache: quantized tiles, fp16 first tile and open tail).
     """
+    if prefill not in ("tiled", "raw"):
+        raise ValueError(f"prefill must be 'tiled' or 'raw', not {prefill!r}")
     if batch is None:
         batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
     if batch is not None:
         _attend_decode(layout, pages, staging, batch, q, k, v, scale, out)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
-        _attend_general(layout, keep_first_tile, pages, staging, steps, q, k, v, scale, out)
+        spans = _stage(layout, keep_first_tile, pages, staging, steps, k, v)
+        reader = _read_tiled if prefill == "tiled" else _read_raw
+        reader(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out)
 
 
-def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], q, k, v,
-                    scale: float, out) -> None:
-    """Any rows (per sequence in Python: prefill chunks are few per step).
-
-    Three ops: ``store_tiles`` encodes every tile completed in this step (all sequences, one call);
-    ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
-    (tiles completed in this step included, so queries of a later tile read them quantized); the
-    fp16 part (first tile, the query's own tile) is attended here and merged by log-sum-exp.
-    """
+def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], k, v) -> list:
+    """Rows of prefill chunks and placeholders (per sequence in Python: chunks are few per step):
+    each sequence's fp16 span (its open tail from staging + the step's keys/values, ``[H, n, D]``),
+    every tile the step completes encoded (all sequences, one ``store_tiles``), first tiles and new
+    open tails written to staging. Returns the spans."""
     g = layout.tile
-    dev = q.device
+    dev = k.device
     new_k, new_v, new_ids = [], [], []
     spans = []
-    for st in steps:  # assemble each sequence's fp16 span; collect the tiles this step completes
+    for st in steps:
         rows = slice(st.q_start, st.q_end)
         span_k, span_v = k[rows].transpose(0, 1).half(), v[rows].transpose(0, 1).half()  # [H, q, D]
         if st.dummy:
@@ -369,33 +373,110 @@ def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, s
             staging[st.new_slot, 1, :, :tail] = span_v[:, -tail:]
     if new_ids:
         store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), torch.tensor(new_ids, device=dev))
+    return spans
 
+
+def _block_table(steps: list[SeqStep], g: int) -> torch.Tensor:
+    width = max(-(-st.seq // g) for st in steps)
+    table = torch.zeros(len(steps), width, dtype=torch.int32)
+    for j, st in enumerate(steps):
+        n_blocks = -(-st.seq // g)
+        table[j, :n_blocks] = torch.tensor(st.blocks[:n_blocks], dtype=torch.int32)
+    return table
+
+
+def _causal_placeholder(q, span_k, span_v, scale, out, rows) -> None:
+    n_q = rows.stop - rows.start
+    pos = torch.arange(n_q, device=q.device)
+    o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None])
+    out[rows] = o.to(out.dtype)
+
+
+def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
+              scale: float, out) -> None:
+    """Prefill as serving engines read it: the chunk's own tokens over each other with causal
+    FlashAttention on the step's raw keys/values; what the cache held before the chunk — tiles
+    completed earlier (quantized, read by ``paged_attention`` for all sequences at once), the fp16
+    first tile and the open tail — merged in by log-sum-exp. A first chunk is FlashAttention alone."""
+    g = layout.tile
+    dev = q.device
+    past = []  # sequences with quantized tiles before the chunk: (step index, rows, page_start)
+    for i, st in enumerate(steps):
+        rows = slice(st.q_start, st.q_end)
+        if st.dummy:
+            _causal_placeholder(q, *spans[i], scale, out, rows)
+            continue
+        if st.q_end <= st.q_start:
+            continue
+        o, lse = causal_attention(q[rows], k[rows], v[rows], scale)
+        t_c, n_old = st.ctx // g, st.ctx - (st.ctx // g) * g
+        first_fp16 = keep_first_tile and t_c >= 1 and st.first_slot is not None
+        keys = []  # the fp16 part of the past: first tile, open tail (every query of the chunk sees all of it)
+        if first_fp16:
+            keys.append((staging[st.first_slot, 0], staging[st.first_slot, 1]))
+        if n_old:
+            keys.append((spans[i][0][:, :n_old], spans[i][1][:, :n_old]))
+        if keys:
+            o16, lse16 = partial_attention(q[rows], torch.cat([a for a, _ in keys], 1), torch.cat([b for _, b in keys], 1),
+                                           scale)
+            o, lse = merge(o, lse, o16, lse16)
+        page_start = 1 if (keep_first_tile and (t_c == 0 or st.first_slot is not None)) else 0
+        if t_c > page_start:
+            past.append((i, rows, page_start))
+            out[rows] = o.to(out.dtype)  # partial until the quantized part is merged below
+            spans[i] = (o, lse)
+        else:
+            out[rows] = o.to(out.dtype)
+    if not past:
+        return
+    sel = [steps[i] for i, _, _ in past]
+    rows_all = torch.cat([torch.arange(r.start, r.stop) for _, r, _ in past]).to(dev)
+    q_seq = torch.cat([torch.full((r.stop - r.start,), j, dtype=torch.long) for j, (_, r, _) in enumerate(past)])
+    q_tile = torch.cat([torch.full((r.stop - r.start,), st.ctx // g, dtype=torch.int32)
+                        for st, (_, r, _) in zip(sel, past)])
+    page_start = torch.tensor([p for _, _, p in past], dtype=torch.int32, device=dev)
+    o_q, lse_q = paged_attention(layout, pages, q[rows_all], q_seq.to(dev), q_tile.to(dev), page_start,
+                                 _block_table(sel, g).to(dev), scale)
+    at = 0
+    for i, rows, _ in past:
+        n_q = rows.stop - rows.start
+        o, lse = spans[i]
+        o, _ = merge(o, lse, o_q[at:at + n_q], lse_q[at:at + n_q])
+        out[rows] = o.to(out.dtype)
+        at += n_q
+
+
+def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
+                scale: float, out) -> None:
+    """Any rows, read as the reference defines (per sequence in Python: prefill chunks are few per step).
+
+    ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
+    (tiles completed in this step included, so queries of a later tile read them quantized); the
+    fp16 part (first tile, the query's own tile) is attended here and merged by log-sum-exp.
+    """
+    g = layout.tile
+    dev = q.device
     # the quantized part: every query row over its sequence's pages
-    live = [(i, st) for i, st in enumerate(steps) if not st.dummy and st.q_end > st.q_start]
+    live = [st for st in steps if not st.dummy and st.q_end > st.q_start]
     if live:
-        width = max(-(-st.seq // g) for _, st in live)
-        table = torch.zeros(len(live), width, dtype=torch.int32)
         q_seq, q_tile, page_start = [], [], []
-        for j, (_, st) in enumerate(live):
-            n_blocks = -(-st.seq // g)
-            table[j, :n_blocks] = torch.tensor(st.blocks[:n_blocks], dtype=torch.int32)
+        for j, st in enumerate(live):
             q_seq.extend([j] * (st.q_end - st.q_start))
             q_tile.extend(p // g for p in range(st.ctx, st.seq))
             first_fp16 = keep_first_tile and (st.ctx // g == 0 or st.first_slot is not None)
             page_start.append(1 if first_fp16 else 0)
-        rows = torch.cat([torch.arange(st.q_start, st.q_end) for _, st in live]).to(dev)
+        rows = torch.cat([torch.arange(st.q_start, st.q_end) for st in live]).to(dev)
         o_q, lse_q = paged_attention(layout, pages, q[rows], torch.tensor(q_seq, device=dev),
                                      torch.tensor(q_tile, dtype=torch.int32, device=dev),
-                                     torch.tensor(page_start, dtype=torch.int32, device=dev), table.to(dev), scale)
+                                     torch.tensor(page_start, dtype=torch.int32, device=dev),
+                                     _block_table(live, g).to(dev), scale)
     at = 0
     for i, st in enumerate(steps):  # the fp16 part, merged with the quantized part
         rows = slice(st.q_start, st.q_end)
         n_q = st.q_end - st.q_start
         span_k, span_v = spans[i]
         if st.dummy:
-            pos = torch.arange(n_q, device=dev)
-            o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None])
-            out[rows] = o.to(out.dtype)
+            _causal_placeholder(q, span_k, span_v, scale, out, rows)
             continue
         t_c = st.ctx // g
         first_fp16 = keep_first_tile and (t_c == 0 or st.first_slot is not None)

@@ -207,7 +207,7 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
                      attn_metadata.steps, query[:n].view(n, self.num_heads, self.head_size),
                      key[:n].view(n, self.num_kv_heads, self.head_size),
                      value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
-                     batch=attn_metadata.decode)
+                     batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled")
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

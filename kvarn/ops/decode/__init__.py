@@ -3,16 +3,19 @@
 ``paged_attention`` (any number of query rows per sequence: decode and prefill continuation) and
 ``decode`` (one row per sequence, staged fp16 part fused) run the Triton kernels on CUDA and the
 PyTorch reference elsewhere (``kvarn.ops.backend``). ``partial_attention`` and ``merge`` are the
-small exact pieces a caller combines them with.
+small exact pieces a caller combines them with; ``causal_attention`` is plain causal attention over
+a chunk's own fp16/bf16 keys with its log-sum-exp (FlashAttention on CUDA).
 """
 
 from __future__ import annotations
+
+import torch
 
 from .. import backend
 from . import reference
 from .reference import merge, partial_attention
 
-__all__ = ["decode", "merge", "paged_attention", "partial_attention"]
+__all__ = ["causal_attention", "decode", "merge", "paged_attention", "partial_attention"]
 
 
 def _impl(t):
@@ -32,3 +35,19 @@ def decode(layout, pages, staging, q, block_table, page_start, q_tile, first_slo
     """See ``reference.decode``."""
     return _impl(pages).decode(layout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot,
                                cur_len, scale)
+
+
+def causal_attention(q, k, v, scale):
+    """Causal attention of a chunk over its own keys: q ``[T, Hq, D]``, k/v ``[T, H, D]`` (GQA) →
+    ``(o [T, Hq, D], lse [T, Hq])`` float32, natural-log lse (to merge with the chunk's past).
+
+    CUDA: torch's FlashAttention kernel (fp16/bf16, K/V expanded to the query heads; the square
+    causal mask needs no alignment convention); elsewhere ``reference.causal_attention``."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[0] > 0:
+        hq, h = q.shape[1], k.shape[1]
+        qq = q.transpose(0, 1)[None]  # [1, Hq, T, D]
+        kk = k.to(q.dtype).repeat_interleave(hq // h, 1).transpose(0, 1)[None]
+        vv = v.to(q.dtype).repeat_interleave(hq // h, 1).transpose(0, 1)[None]
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qq, kk, vv, 0.0, True, False, scale=scale)[:2]
+        return o[0].transpose(0, 1).float(), lse[0].transpose(0, 1).float()
+    return reference.causal_attention(q, k, v, scale)
