@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,23 @@ def main() -> int:
     rows, errors = [], []
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "model": "Llama-3.1-8B shape, dummy weights, bf16", "max_model_len": max_len, "max_num_seqs": max_seqs}
-    for kv in [k for k in args.kv.split(",") if k]:
+    kvs = [k for k in args.kv.split(",") if k]
+    if len(kvs) > 1:  # one process per engine: an engine's GPU memory is not given back inside a process
+        for kv in kvs:
+            sub = out / f"engine-{kv}"
+            cmd = [sys.executable, __file__, "--kv", kv, "--bursts", args.bursts, "--out", str(sub),
+                   "--scale", str(args.scale)] + ["--eager"] * args.eager + ["--eager-kvarn"] * args.eager_kvarn
+            rc = subprocess.run(cmd).returncode
+            try:
+                part = json.loads((sub / "serve_h200.json").read_text())
+            except (OSError, ValueError) as e:
+                errors.append({"kv": kv, "stage": "process", "error": f"exit {rc}, no results ({type(e).__name__})"})
+                continue
+            rows += part["rows"]
+            errors += part["errors"]
+            _write(out, meta, rows, errors)
+        kvs = []
+    for kv in kvs:
         t = time.perf_counter()
         try:
             llm = engine(mdir, kv, mix, max_len, max_seqs, args.eager or (args.eager_kvarn and kv.startswith("kvarn")))
