@@ -44,7 +44,7 @@ def test_layout_round_trip_matches_codec(d, v_norm):
 
 
 def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=0, shuffle_blocks=True,
-         fp16_inputs=True, device="cpu", prefill="tiled"):
+         fp16_inputs=True, device="cpu", prefill="tiled", dtype=torch.float32):
     """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step (the
     engine's tensors on ``device``; the reference always on the CPU). ``prefill="raw"``: the
     reference is ``_raw_reference``."""
@@ -75,12 +75,12 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
             at += ql
             pos[i] += ql
         steps = table.plan(seqs)
-        qb = torch.cat([q[i, a:b] for i, a, b in rows]).to(device)
-        kb = torch.cat([k[i, a:b] for i, a, b in rows]).to(device)
-        vb = torch.cat([v[i, a:b] for i, a, b in rows]).to(device)
+        qb = torch.cat([q[i, a:b] for i, a, b in rows]).to(device, dtype)
+        kb = torch.cat([k[i, a:b] for i, a, b in rows]).to(device, dtype)
+        vb = torch.cat([v[i, a:b] for i, a, b in rows]).to(device, dtype)
         ob = torch.zeros_like(qb)
         attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob, prefill=prefill)
-        ob = ob.cpu()
+        ob = ob.float().cpu()
         at = 0
         for i, a, b in rows:
             out[i, a:b] = ob[at:at + b - a]
@@ -138,9 +138,11 @@ def test_raw_prefill_reads_only_the_cached_past(keep_first):
                       torch.randn(1, H, d) * 0.2)
     T = 3 * G + 29
     chunks = [[T - 4] + [1] * 4, [50, 14, 64, 1, 70] + [1] * (T - 199), [G + 3, 2 * G - 3] + [1] * 29]
-    out, ref = _run(src, chunks, T, d, prefill="raw")
-    err = (out - ref).abs().max().item()
-    assert err < 2e-4, f"max |raw prefill - reference| = {err:.2e}"
+    cuda = torch.cuda.is_available()  # compiled, in bf16 as vLLM runs it: FlashAttention + the Triton ops
+    out, ref = _run(src, chunks, T, d, prefill="raw", device="cuda" if cuda else "cpu",
+                    dtype=torch.bfloat16 if cuda else torch.float32)
+    err = ((out - ref).norm() / ref.norm()).item() if cuda else (out - ref).abs().max().item()
+    assert err < (2e-2 if cuda else 2e-4), f"raw prefill vs the reference: error {err:.2e}"
     # the rule differs from the tiled one where a chunk spans tiles: reading its own tiles raw matters
     tiled, _ = _run(src, chunks, T, d)
     assert (tiled - out).abs().max().item() > 1e-3, "raw and tiled prefill agree: the test cannot tell them apart"

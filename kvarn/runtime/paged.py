@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.decode import causal_attention, decode, merge, paged_attention, partial_attention
+from ..ops.decode import causal_attention, decode, dense_attention, merge, paged_attention, partial_attention
 from ..ops.layout import PageLayout, check_storable
 from ..ops.store import store_tiles
 from ..quant.formats import tile_bytes
@@ -395,12 +395,11 @@ def _causal_placeholder(q, span_k, span_v, scale, out, rows) -> None:
 def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
               scale: float, out) -> None:
     """Prefill as serving engines read it: the chunk's own tokens over each other with causal
-    FlashAttention on the step's raw keys/values; what the cache held before the chunk — tiles
-    completed earlier (quantized, read by ``paged_attention`` for all sequences at once), the fp16
-    first tile and the open tail — merged in by log-sum-exp. A first chunk is FlashAttention alone."""
+    FlashAttention on the step's raw keys/values; what the cache held before the chunk — the fp16
+    first tile, the tiles completed earlier (dequantized once per chunk: a paged read per 4-token
+    row block re-read the whole past for every block, O(chunk x past) bytes) and the open tail —
+    attended densely (FlashAttention) and merged by log-sum-exp. A first chunk is FlashAttention alone."""
     g = layout.tile
-    dev = q.device
-    past = []  # sequences with quantized tiles before the chunk: (step index, rows, page_start)
     for i, st in enumerate(steps):
         rows = slice(st.q_start, st.q_end)
         if st.dummy:
@@ -411,39 +410,24 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
         o, lse = causal_attention(q[rows], k[rows], v[rows], scale)
         t_c, n_old = st.ctx // g, st.ctx - (st.ctx // g) * g
         first_fp16 = keep_first_tile and t_c >= 1 and st.first_slot is not None
-        keys = []  # the fp16 part of the past: first tile, open tail (every query of the chunk sees all of it)
-        if first_fp16:
-            keys.append((staging[st.first_slot, 0], staging[st.first_slot, 1]))
-        if n_old:
-            keys.append((spans[i][0][:, :n_old], spans[i][1][:, :n_old]))
-        if keys:
-            o16, lse16 = partial_attention(q[rows], torch.cat([a for a, _ in keys], 1), torch.cat([b for _, b in keys], 1),
-                                           scale)
-            o, lse = merge(o, lse, o16, lse16)
         page_start = 1 if (keep_first_tile and (t_c == 0 or st.first_slot is not None)) else 0
+        keys, vals = [], []  # the past, in token order: [H, n, D] pieces
+        if first_fp16:
+            keys.append(staging[st.first_slot, 0].float())
+            vals.append(staging[st.first_slot, 1].float())
         if t_c > page_start:
-            past.append((i, rows, page_start))
-            out[rows] = o.to(out.dtype)  # partial until the quantized part is merged below
-            spans[i] = (o, lse)
-        else:
-            out[rows] = o.to(out.dtype)
-    if not past:
-        return
-    sel = [steps[i] for i, _, _ in past]
-    rows_all = torch.cat([torch.arange(r.start, r.stop) for _, r, _ in past]).to(dev)
-    q_seq = torch.cat([torch.full((r.stop - r.start,), j, dtype=torch.long) for j, (_, r, _) in enumerate(past)])
-    q_tile = torch.cat([torch.full((r.stop - r.start,), st.ctx // g, dtype=torch.int32)
-                        for st, (_, r, _) in zip(sel, past)])
-    page_start = torch.tensor([p for _, _, p in past], dtype=torch.int32, device=dev)
-    o_q, lse_q = paged_attention(layout, pages, q[rows_all], q_seq.to(dev), q_tile.to(dev), page_start,
-                                 _block_table(sel, g).to(dev), scale)
-    at = 0
-    for i, rows, _ in past:
-        n_q = rows.stop - rows.start
-        o, lse = spans[i]
-        o, _ = merge(o, lse, o_q[at:at + n_q], lse_q[at:at + n_q])
+            ids = torch.tensor(st.blocks[page_start:t_c], device=pages.device, dtype=torch.long)
+            kq, vq = layout.decode(pages[ids])  # [H, n, G, D] float32, model basis
+            h, n, _, d = kq.shape
+            keys.append(kq.reshape(h, n * g, d))
+            vals.append(vq.reshape(h, n * g, d))
+        if n_old:
+            keys.append(spans[i][0][:, :n_old].float())
+            vals.append(spans[i][1][:, :n_old].float())
+        if keys:
+            o_p, lse_p = dense_attention(q[rows], torch.cat(keys, 1), torch.cat(vals, 1), scale)
+            o, lse = merge(o, lse, o_p, lse_p)
         out[rows] = o.to(out.dtype)
-        at += n_q
 
 
 def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvarn.ops.decode import causal_attention
+from kvarn.ops.decode import causal_attention, dense_attention
 from kvarn.ops.decode import reference as ref
 
 CASES = [(333, 8, 1, 64, torch.bfloat16), (1, 2, 4, 128, torch.float16), (517, 2, 7, 64, torch.float16),
@@ -24,6 +24,21 @@ def test_causal_attention_matches_reference_on_cuda(t, h, group, d, dtype):
     q, k, v = (x.to(dtype) for x in (q, k, v))
     o, lse = causal_attention(q.cuda(), k.cuda(), v.cuda(), d ** -0.5)
     o_ref, lse_ref = ref.causal_attention(q.float(), k.float(), v.float(), d ** -0.5)
+    rel = ((o.cpu() - o_ref).norm() / o_ref.norm()).item()
+    assert rel < 2e-2, f"output: relative error {rel:.2e}"
+    assert (lse.cpu() - lse_ref).abs().max().item() < 2e-2, "log-sum-exp differs from the reference"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention path needs CUDA (the CPU runs the reference itself)")
+@pytest.mark.parametrize("t,n,h,group,dtype", [(333, 1409, 8, 4, torch.bfloat16), (1, 128, 2, 7, torch.float16),
+                                               (64, 5, 4, 1, torch.bfloat16)])
+def test_dense_attention_matches_reference_on_cuda(t, n, h, group, dtype):
+    gen = torch.Generator().manual_seed(t + n)
+    q = torch.randn(t, h * group, 128, generator=gen).to(dtype)
+    k = (torch.randn(h, n, 128, generator=gen) * torch.linspace(0.3, 4, 128)).to(dtype)
+    v = torch.randn(h, n, 128, generator=gen).to(dtype)
+    o, lse = dense_attention(q.cuda(), k.cuda(), v.cuda(), 128 ** -0.5)
+    o_ref, lse_ref = ref.partial_attention(q.float(), k.float(), v.float(), 128 ** -0.5)
     rel = ((o.cpu() - o_ref).norm() / o_ref.norm()).item()
     assert rel < 2e-2, f"output: relative error {rel:.2e}"
     assert (lse.cpu() - lse_ref).abs().max().item() < 2e-2, "log-sum-exp differs from the reference"
