@@ -206,3 +206,39 @@ def test_decode_rows_take_the_batched_path(monkeypatch):
     assert general_rows == [G - 1], f"rows that took the per-sequence path: {general_rows}"
     err = (out - ref).abs().max().item()
     assert err < 2e-4, f"max |batched decode - reference| = {err:.2e}"
+
+
+def test_rank_kv_heads_follow_vllms_split():
+    from kvarn.runtime.paged import rank_kv_heads
+
+    assert [rank_kv_heads(8, 2, r) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [rank_kv_heads(8, 8, r) for r in range(8)] == [[r] for r in range(8)]
+    assert [rank_kv_heads(2, 4, r) for r in range(4)] == [[0], [0], [1], [1]]  # replicated: TP > KV heads
+    for bad in ((3, 2, 0), (2, 3, 0), (8, 2, 2)):
+        with pytest.raises(ValueError):
+            rank_kv_heads(*bad)
+
+
+def test_shard_holds_the_ranks_heads():
+    """A rank's source (``CacheSource.shard``) encodes and decodes its heads exactly as the whole
+    source does those heads: widths and priors follow the heads; bytes per rank add up to the
+    whole (no replication) and differ where the recipe's widths differ between ranks."""
+    from kvarn.runtime.paged import rank_bytes_per_token
+
+    torch.manual_seed(5)
+    d, heads = 64, 4
+    fmt = LayerFormat(d, G, TensorFormat((4, 2, 3, 16), "channel", "tile", clip=True),
+                      TensorFormat((2, 8, 4, 2), "token", "static", clip=True))
+    kp, vp = torch.randn(2, heads, d) * 0.3, torch.randn(2, heads, d) * 0.3
+    src = CacheSource("t", (fmt, fmt), True, kp, vp)
+    k, v = torch.randn(heads, 2, G, d), torch.randn(heads, 2, G, d)
+    full_k, full_v = src.layout(1).decode(src.layout(1).encode(k, v))
+    for sel in ([2, 3], [0, 1], [3]):
+        part = src.shard(sel)
+        assert part.formats[1].k.bits == tuple(fmt.k.bits[h] for h in sel)
+        pk, pv = part.layout(1).decode(part.layout(1).encode(k[sel], v[sel]))
+        torch.testing.assert_close(pk, full_k[sel], rtol=1e-5, atol=1e-5, msg=f"K of heads {sel}")
+        torch.testing.assert_close(pv, full_v[sel], rtol=1e-5, atol=1e-5, msg=f"V of heads {sel}")
+    per_rank = rank_bytes_per_token(src, 2)
+    whole = sum(tile_bytes(f) for f in src.formats) / G
+    assert abs(sum(per_rank) - whole) < 1e-6 * whole and per_rank[0] != per_rank[1], per_rank

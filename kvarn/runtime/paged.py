@@ -83,6 +83,40 @@ class CacheSource:
         """fp16 bytes of one staging slot over all layers (K and V of one tile)."""
         return sum(2 * f.num_kv_heads * f.tile * f.head_dim * 2 for f in self.formats)
 
+    def shard(self, heads: list[int]) -> "CacheSource":
+        """The source of the KV heads one tensor-parallel rank owns (``rank_kv_heads``): each
+        layer's widths and priors of those heads, in that order."""
+        from dataclasses import replace
+
+        fmts = tuple(replace(f, k=replace(f.k, bits=tuple(f.k.bits[h] for h in heads)),
+                             v=replace(f.v, bits=tuple(f.v.bits[h] for h in heads))) for f in self.formats)
+        pick = lambda t: None if t is None else t[:, list(heads)].contiguous()  # noqa: E731
+        return CacheSource(f"{self.name} (KV heads {list(heads)})", fmts, self.keep_first_tile, pick(self.k_log_std),
+                           pick(self.v_log_std), self.recipe)
+
+
+def rank_kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> list[int]:
+    """The KV heads tensor-parallel rank ``rank`` of ``tp_size`` holds, as vLLM splits them:
+    consecutive blocks of ``num_kv_heads / tp_size`` heads, or — when there are fewer KV heads
+    than ranks — one head per rank, each replicated on ``tp_size / num_kv_heads`` ranks."""
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} is outside tensor-parallel size {tp_size}")
+    if tp_size <= num_kv_heads:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {tp_size} ranks")
+        per = num_kv_heads // tp_size
+        return list(range(rank * per, (rank + 1) * per))
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{tp_size} ranks cannot replicate {num_kv_heads} KV heads evenly")
+    return [rank // (tp_size // num_kv_heads)]
+
+
+def rank_bytes_per_token(source: CacheSource, tp_size: int) -> list[float]:
+    """Bytes per cached token on each rank (all layers). vLLM gives every rank the same number of
+    blocks, so the largest sets the capacity and the others leave part of their pool unused."""
+    return [sum(tile_bytes(f) for f in source.shard(rank_kv_heads(source.formats[0].num_kv_heads, tp_size, r)).formats)
+            / source.tile for r in range(tp_size)]
+
 
 def staging_slots(max_num_seqs: int, keep_first_tile: bool) -> int:
     """Slots that hold every running sequence's open tile (and fp16 first tile), plus two spare."""

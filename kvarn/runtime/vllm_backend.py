@@ -48,7 +48,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import KvarnError
 from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
-                    staging_slots)
+                    rank_kv_heads, staging_slots)
 from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _model_shape
 
 STORAGE_DTYPE = torch.uint8
@@ -65,6 +65,12 @@ class EngineCache:
                              "create the engine through EngineArgs/LLM/the CLI so the plugin can resolve the recipe")
         self.vllm_config = vllm_config
         self.source: CacheSource = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp > 1:  # this rank's KV heads only: their widths, priors and pages
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self.source = self.source.shard(rank_kv_heads(self.source.formats[0].num_kv_heads, tp,
+                                                          get_tensor_model_parallel_rank()))
         self.layouts = [self.source.layout(i) for i in range(self.source.num_layers)]
         self.page_bytes = [_round_page(lay.nbytes, self.source.tile) for lay in self.layouts]
         slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, self.source.keep_first_tile)
