@@ -47,11 +47,28 @@ def _hull(costs: list[float], errs: list[float]) -> list[int]:
 def allocate_bits(
     k_err: torch.Tensor, v_err: torch.Tensor, candidate_bits: tuple[int, ...],
     k_format: TensorFormat, v_format: TensorFormat, tile: int, head_dim: int,
-    avg_bits: float, allow_fp16: bool = True,
+    avg_bits: float, allow_fp16: bool = True, head_groups: list[list[int]] | None = None,
 ) -> Allocation:
     """Choose ``[L, H]`` K and V widths minimising the summed predicted error such that the
-    average stored bits per element (scales included) is at most ``avg_bits``."""
+    average stored bits per element (scales included) is at most ``avg_bits``.
+
+    ``head_groups`` (e.g. ``kvarn.parallel.head_groups_for_tp``): each group of KV heads gets its own share of
+    the budget (its heads' fraction), so tensor-parallel ranks hold equal bytes per token (up to
+    one upgrade step each) instead of one rank bounding the capacity of all."""
     L, H, _ = k_err.shape
+    groups = head_groups or [list(range(H))]
+    if len(groups) > 1:
+        k_bits = torch.zeros(L, H, dtype=torch.int64)
+        v_bits = torch.zeros(L, H, dtype=torch.int64)
+        err = 0.0
+        for g in groups:
+            part = allocate_bits(k_err[:, g], v_err[:, g], candidate_bits, k_format, v_format, tile, head_dim,
+                                 avg_bits, allow_fp16)
+            k_bits[:, g], v_bits[:, g] = part.k_bits, part.v_bits
+            err += part.predicted_error
+        layers = [LayerFormat(head_dim, tile, k_format.with_bits(k_bits[l].tolist()),
+                              v_format.with_bits(v_bits[l].tolist())) for l in range(L)]
+        return Allocation(k_bits, v_bits, err, bits_per_element(layers))
     options = list(candidate_bits) + ([FP16_BITS] if allow_fp16 else [])
     items = []  # (kind, layer, head, [bits], [cost bytes/token], [err])
     for kind, err, fmt in (("k", k_err, k_format), ("v", v_err, v_format)):

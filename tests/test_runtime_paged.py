@@ -209,7 +209,7 @@ def test_decode_rows_take_the_batched_path(monkeypatch):
 
 
 def test_rank_kv_heads_follow_vllms_split():
-    from kvarn.runtime.paged import rank_kv_heads
+    from kvarn.parallel import rank_kv_heads
 
     assert [rank_kv_heads(8, 2, r) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [rank_kv_heads(8, 8, r) for r in range(8)] == [[r] for r in range(8)]

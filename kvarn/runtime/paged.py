@@ -35,6 +35,7 @@ import torch
 
 from ..ops.decode import causal_attention, decode, dense_attention, merge, paged_attention, partial_attention
 from ..ops.layout import PageLayout, check_storable
+from ..parallel import rank_kv_heads
 from ..ops.store import store_tiles
 from ..quant.formats import tile_bytes
 
@@ -93,22 +94,6 @@ class CacheSource:
         pick = lambda t: None if t is None else t[:, list(heads)].contiguous()  # noqa: E731
         return CacheSource(f"{self.name} (KV heads {list(heads)})", fmts, self.keep_first_tile, pick(self.k_log_std),
                            pick(self.v_log_std), self.recipe)
-
-
-def rank_kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> list[int]:
-    """The KV heads tensor-parallel rank ``rank`` of ``tp_size`` holds, as vLLM splits them:
-    consecutive blocks of ``num_kv_heads / tp_size`` heads, or — when there are fewer KV heads
-    than ranks — one head per rank, each replicated on ``tp_size / num_kv_heads`` ranks."""
-    if not 0 <= rank < tp_size:
-        raise ValueError(f"rank {rank} is outside tensor-parallel size {tp_size}")
-    if tp_size <= num_kv_heads:
-        if num_kv_heads % tp_size:
-            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {tp_size} ranks")
-        per = num_kv_heads // tp_size
-        return list(range(rank * per, (rank + 1) * per))
-    if tp_size % num_kv_heads:
-        raise ValueError(f"{tp_size} ranks cannot replicate {num_kv_heads} KV heads evenly")
-    return [rank // (tp_size // num_kv_heads)]
 
 
 def rank_bytes_per_token(source: CacheSource, tp_size: int) -> list[float]:

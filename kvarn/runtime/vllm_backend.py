@@ -47,8 +47,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import KvarnError
+from ..parallel import rank_kv_heads
 from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
-                    rank_kv_heads, staging_slots)
+                    staging_slots)
 from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _model_shape
 
 STORAGE_DTYPE = torch.uint8

@@ -216,7 +216,8 @@ def prepare_engine_args(args) -> object:
 
 def finish_engine_config(vllm_config, spec: str) -> None:
     """Checks that need the model config; sizes the fp16 staging inside an explicit KV budget."""
-    from ..runtime.paged import load_source, rank_bytes_per_token, rank_kv_heads, staging_slots
+    from ..parallel import rank_kv_heads
+    from ..runtime.paged import load_source, rank_bytes_per_token, staging_slots
 
     source = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
     reasons = validate(source, vllm_config)
