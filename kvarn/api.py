@@ -329,7 +329,7 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
         "bytes_per_token_per_layer": per_layer, "bytes_per_token": sum(per_layer),
         "fp16_bytes_per_token": 2 * r.num_layers * r.fingerprint.num_kv_heads * r.fingerprint.head_dim * 2,
         "k_bits": r.k_bits.tolist(), "v_bits": r.v_bits.tolist(),
-        "bytes_per_token_per_rank": _rank_bytes(r),
+        **_rank_bytes(r),
         "k_bits_histogram": {int(b): int((r.k_bits == b).sum()) for b in r.k_bits.unique()},
         "v_bits_histogram": {int(b): int((r.v_bits == b).sum()) for b in r.v_bits.unique()},
     }
@@ -341,21 +341,22 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
 
 
 def _rank_bytes(r: Recipe) -> dict:
-    """Bytes per token on each tensor-parallel rank, for the sizes the recipe is balanced for and
-    the small sizes that split its KV heads (vLLM gives every rank the same blocks: the largest
-    rank sets the capacity)."""
-    from .runtime.paged import CacheSource, rank_bytes_per_token
+    """Bytes per token on each tensor-parallel rank, and what every rank's pages are padded to
+    (vLLM needs one page size per layer on all ranks), for the sizes the recipe is balanced for and
+    the small sizes that split its KV heads."""
+    from .runtime.paged import CacheSource, rank_bytes_per_token, tp_page_bytes
 
     h = r.fingerprint.num_kv_heads
     sizes = sorted(set(r.budget.get("tp_sizes", [])) | {t for t in (2, 4, 8) if t <= h and h % t == 0})
     src = CacheSource("recipe", tuple(r.layer_formats()), r.keep_first_tile)
-    out = {}
+    ranks, padded = {}, {}
     for t in sizes:
         try:
-            out[str(t)] = [round(b, 2) for b in rank_bytes_per_token(src, t)]
+            ranks[str(t)] = [round(b, 2) for b in rank_bytes_per_token(src, t)]
+            padded[str(t)] = round(sum(tp_page_bytes(src, t)) / r.tile, 2)
         except ValueError:  # a recorded size that does not split this model's heads (a damaged file)
             continue
-    return out
+    return {"bytes_per_token_per_rank": ranks, "tp_padded_bytes_per_token": padded}
 
 
 def format_inspect(s: dict) -> str:
@@ -373,8 +374,8 @@ def format_inspect(s: dict) -> str:
         f"achieved: {s['bits_per_element']:.3f} bits/element (scales included), {s['compression']:.2f}x smaller than fp16; "
         f"{s['bytes_per_token']:.1f} of {s['fp16_bytes_per_token']} fp16 bytes per token",
         f"K bits histogram (layer×head): {s['k_bits_histogram']}   V: {s['v_bits_histogram']}",
-        *(f"tensor-parallel {t}: bytes per token per rank {b} (capacity set by the largest; "
-          f"{100 * (1 - min(b) / max(b)):.1f}% of the smallest rank's pool unused"
+        *(f"tensor-parallel {t}: bytes per token per rank {b}, pages padded to {s['tp_padded_bytes_per_token'][t]} "
+          f"on every rank ({100 * (1 - sum(b) / (int(t) * s['tp_padded_bytes_per_token'][t])):.1f}% padding"
           f"{', balanced by calibration' if int(t) in s['budget'].get('tp_sizes', []) else ''})"
           for t, b in s["bytes_per_token_per_rank"].items()),
         "layer  K bits per head          V bits per head",

@@ -96,6 +96,14 @@ class CacheSource:
                            pick(self.v_log_std), self.recipe)
 
 
+def tp_page_bytes(source: CacheSource, tp_size: int) -> list[int]:
+    """Per layer, the largest tile any rank stores: every rank's page of that layer has this size
+    (vLLM requires one KV-cache spec per layer across ranks)."""
+    h = source.formats[0].num_kv_heads
+    shards = [source.shard(rank_kv_heads(h, tp_size, r)) for r in range(tp_size)]
+    return [max(tile_bytes(s.formats[l]) for s in shards) for l in range(source.num_layers)]
+
+
 def rank_bytes_per_token(source: CacheSource, tp_size: int) -> list[float]:
     """Bytes per cached token on each rank (all layers). vLLM gives every rank the same number of
     blocks, so the largest sets the capacity and the others leave part of their pool unused."""

@@ -217,7 +217,7 @@ def prepare_engine_args(args) -> object:
 def finish_engine_config(vllm_config, spec: str) -> None:
     """Checks that need the model config; sizes the fp16 staging inside an explicit KV budget."""
     from ..parallel import rank_kv_heads
-    from ..runtime.paged import load_source, rank_bytes_per_token, staging_slots
+    from ..runtime.paged import load_source, rank_bytes_per_token, staging_slots, tp_page_bytes
 
     source = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
     reasons = validate(source, vllm_config)
@@ -227,10 +227,12 @@ def finish_engine_config(vllm_config, spec: str) -> None:
     tp = vllm_config.parallel_config.tensor_parallel_size
     if tp > 1:  # every rank holds its heads' pages and staging; the budget is per rank
         per_rank = rank_bytes_per_token(source, tp)
-        lost = 1 - min(per_rank) / max(per_rank)
-        logger.info("kvarn: tensor-parallel %d: bytes per token per rank %s; vLLM gives every rank the same blocks, "
-                    "so %.1f%% of the smallest rank's pool is unused (a recipe balanced for TP %d wastes none)",
-                    tp, [round(b, 1) for b in per_rank], 100 * lost, tp)
+        padded = sum(tp_page_bytes(source, tp)) / source.tile
+        lost = 1 - sum(per_rank) / (tp * padded)
+        logger.info("kvarn: tensor-parallel %d: bytes per token per rank %s, pages padded to %.1f (vLLM needs one page "
+                    "size per layer on all ranks): %.1f%% of the cache is padding (a recipe calibrated with "
+                    "--tp-size %d keeps it below one width step per layer)", tp, [round(b, 1) for b in per_rank],
+                    padded, 100 * lost, tp)
         source = source.shard(rank_kv_heads(source.formats[0].num_kv_heads, tp, 0))
     slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, source.keep_first_tile)
     staging = slots * source.staging_slot_bytes()
