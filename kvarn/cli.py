@@ -189,7 +189,7 @@ Examples:
   kvarn inspect recipes/smollm2-135m-instruct.safetensors --plot bits.png
 """)
 @click.argument("recipe")
-@click.option("--plot", default=None, metavar="PNG", help="Write a heatmap of bits per layer and head.")
+@click.option("--plot", default=None, metavar="PNG", help="Write a heatmap of bits per layer and head. [default: no plot]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --plot that is not a PNG (never a device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (strict).")
 @click.option("-v", "--verbose", count=True, show_default=False, help="Say more on stderr (-vv: debug). [default: warnings only]")
