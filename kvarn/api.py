@@ -206,6 +206,8 @@ def calibrate(
     L, H, D = _model_shape(lm.model)
     windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})",
                            seed=seed)
+    logger.info("kvarn: calibrating on %d windows x %d tokens of %s, drawn under seed %d", spec.num_samples,
+                spec.seq_len, desc, seed)
     cfg = CaptureConfig(tile=tile, keep_first_tile=keep_first_tile, k=k_fmt, v=v_fmt)
     cap = capture_kv(lm.model, windows, cfg, progress=progress)
     stats = compute_stats(cap, objective)
@@ -302,7 +304,8 @@ def evaluate(
     its cache. Windows are evaluated one at a time against their own fp16 pass, so memory stays at
     one window's logits per method; they are ``num_windows`` drawn under ``seed`` among all the
     text's non-overlapping windows of ``seq_len`` tokens, which must be long enough for a query to
-    read a quantized tile of every method.
+    read a quantized tile of every method. ``seed=None``: the first windows of the text, in order
+    (how the README's accuracy table was measured, before windows were drawn).
 
     ``model``: a path or model id (loaded with ``device``, ``dtype``, ``revision``,
     ``trust_remote_code``), or a transformers model object with its ``tokenizer`` (as lm-eval's
@@ -317,7 +320,7 @@ def evaluate(
 
     t0 = time.time()
     loaded = _open_model(model, tokenizer, loaded, device, dtype)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise KvarnError(f"--seed {seed!r}: must be an integer; e.g. --seed 0")
     # before any weights load: the flags, the recipes (and that they fit the model's config), the
     # window against the model's context and this machine's memory, the text
@@ -354,6 +357,8 @@ def evaluate(
     lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code)
     windows = make_windows(lm.tokenizer, body, num_windows, seq_len, f"--text {text} ({desc})",
                            flags=("--num-windows", "--seq-len"), seed=seed)
+    logger.info("kvarn: evaluating %d methods on %d windows x %d tokens of %s, drawn under seed %s", len(schemes),
+                num_windows, seq_len, desc, seed)
     per = {name: {"nll": [], "kl": [], "top1": [], "sec": 0.0} for name in schemes}
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
@@ -400,11 +405,14 @@ def format_eval_table(report: EvalReport) -> str:
     head = f"{report.model_id} on {report.text}: {report.num_windows} windows x {report.seq_len} tokens"
     cols = f"{'method':<42} {'bits/el':>7} {'compr':>6} {'ppl':>8} {'Δppl %':>15} {'KL(fp16‖m)':>17} {'top-1 %':>13}"
     lines = [head, cols, "-" * len(cols)]
+    def se(x, width: int, digits: int, scale: float = 1.0) -> str:  # "—" where one window gives no error bar
+        return f"{scale * x:>{width}.{digits}f}" if x is not None and math.isfinite(x) else f"{'—':>{width}}"
+
     for r in report.results:
         lines.append(
             f"{r.method:<42} {r.bits_per_element:>7.3f} {r.compression:>5.2f}x {r.ppl:>8.3f} "
-            f"{r.delta_ppl_pct:>+7.2f} ± {r.delta_ppl_pct_se:>5.2f} {r.kl:>8.4f} ± {r.kl_se:>6.4f} "
-            f"{100 * r.top1:>6.2f} ± {100 * r.top1_se:>4.2f}"
+            f"{r.delta_ppl_pct:>+7.2f} ± {se(r.delta_ppl_pct_se, 5, 2)} {r.kl:>8.4f} ± {se(r.kl_se, 6, 4)} "
+            f"{100 * r.top1:>6.2f} ± {se(r.top1_se, 4, 2, 100)}"
         )
     fp16_toks = {r.fp16_tokens_per_seq for r in report.results if r.fp16_tokens_per_seq}
     lines.append(f"(± = standard error over windows; bits/el counts quantized tiles with scales; "
