@@ -1,4 +1,6 @@
-"""Model loading: the embedded SmolLM2 GGUF, any .gguf file, a local model folder or a cached HF id.
+"""Model loading: the embedded SmolLM2 GGUF, any .gguf file, a local model folder or an HF id
+(downloaded when the hub answers, else from the local cache), on a ``--device`` in a ``--dtype``
+(``auto``: the config's own), or a model object the caller loaded (``wrap_model``).
 
 GGUF files are dequantized by transformers (slow: ~17 s for SmolLM2-135M), so the converted float32
 model is saved once under ``<cache_dir>/models/<stem>-<fingerprint>`` and later loads read that
