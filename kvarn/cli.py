@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -44,29 +45,39 @@ def _emit(obj, as_json: bool, text: str) -> None:
     click.echo(dumps(obj) if as_json else text)
 
 
-def _verbosity(verbose: int, quiet: bool) -> bool:
-    """Route kvarn's log to stderr: warnings by default, ``-v`` info, ``-vv`` debug, ``-q`` errors
-    only (and no progress bars, and transformers' warnings silenced). Returns whether progress
-    bars may be shown."""
+@contextlib.contextmanager
+def _verbosity(verbose: int, quiet: bool):
+    """Route kvarn's log to stderr for one command: warnings by default, ``-v`` info, ``-vv``
+    debug, ``-q`` errors only (and no progress bars, transformers' warnings silenced). Yields
+    whether progress bars may be shown; the logger is left as it was found afterwards."""
     if verbose and quiet:
         raise KvarnError("-v and -q both given; pass one of them (-v: more detail, -q: errors only)")
     level = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
     log = logging.getLogger("kvarn")
-    for h in list(log.handlers):
-        if getattr(h, "_kvarn_cli", False):
-            log.removeHandler(h)
+    before = (log.level, log.propagate)
     handler = logging.StreamHandler(sys.stderr)
-    handler._kvarn_cli = True
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    tf = None
     if quiet:
         import transformers
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    return not quiet
+        tf = transformers.logging
+        tf_before = (tf.get_verbosity(), tf.is_progress_bar_enabled())
+        tf.set_verbosity_error()
+        tf.disable_progress_bar()
+    try:
+        yield not quiet
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(before[0])
+        log.propagate = before[1]
+        if tf is not None:
+            tf.set_verbosity(tf_before[0])
+            if tf_before[1]:
+                tf.enable_progress_bar()
 
 
 class _Group(click.Group):
@@ -127,7 +138,10 @@ def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compres
     """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
 
     def go():
-        show = _verbosity(verbose, quiet)
+        with _verbosity(verbose, quiet) as show:
+            _calibrate(show)
+
+    def _calibrate(show):
         from . import api
 
         _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
@@ -165,7 +179,10 @@ def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, 
     """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
 
     def go():
-        show = _verbosity(verbose, quiet)
+        with _verbosity(verbose, quiet) as show:
+            _eval(show)
+
+    def _eval(show):
         from . import api
 
         recipes = list(recipe)
@@ -198,11 +215,11 @@ def inspect(recipe, plot, overwrite, as_json, verbose, quiet):
     """Summarise a recipe (reads its header and bit tables)."""
 
     def go():
-        _verbosity(verbose, quiet)
-        from . import api
+        with _verbosity(verbose, quiet):
+            from . import api
 
-        s = api.inspect(recipe, plot=plot, overwrite=overwrite)
-        _emit(s, as_json, api.format_inspect(s))
+            s = api.inspect(recipe, plot=plot, overwrite=overwrite)
+            _emit(s, as_json, api.format_inspect(s))
 
     _run(go)
 

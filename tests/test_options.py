@@ -171,6 +171,13 @@ def test_verbose_and_quiet(tiny):
     assert quiet.exit_code == 0 and quiet.stderr.strip() == "", quiet.stderr
     assert "kivi-2" in quiet.stdout
     assert_fails(run(*args, "-v", "-q"), "-v and -q")
+    import logging
+
+    import transformers
+
+    log = logging.getLogger("kvarn")  # each command leaves logging as it found it (no stale stream handler)
+    assert log.handlers == [] and log.propagate and log.level == logging.NOTSET
+    assert transformers.logging.is_progress_bar_enabled()
 
 
 # -- --help ------------------------------------------------------------------------------------------
