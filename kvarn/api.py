@@ -18,10 +18,10 @@ import torch
 
 from . import preflight
 from .errors import KvarnError, printable
-from .report import provenance
 from .outputs import check_output, is_png
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
+from .report import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +159,10 @@ def calibrate(
     from .allocation import allocate_bits
     from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
     from .data import resolve_calib, spec_hash, load_text, make_windows
-    from .models import load_config
+    from .models import load_config, resolve_device, resolve_dtype
     from .quant.formats import SUPPORTED_TILES, TensorFormat
     from .quant.hadamard import check_head_dim
     from .stats import compute_stats
-
-    from .models import resolve_device, resolve_dtype
 
     t0 = time.time()
     loaded = _open_model(model, tokenizer, loaded, device, dtype)
