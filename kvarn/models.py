@@ -143,8 +143,9 @@ _HUB_REACHABLE: dict[str, bool] = {}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection within ``timeout``
-    seconds (checked once per process); False under ``HF_HUB_OFFLINE=1``. Without this probe a
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, or the ``HTTPS_PROXY`` in front of it) answers
+    a TCP connection within ``timeout`` seconds (checked once per process); False under
+    ``HF_HUB_OFFLINE=1``. Without this probe a
     machine without a network waits ~25 s in transformers' retries before failing."""
     if _hub_offline_env():
         return False
@@ -153,6 +154,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = next((os.environ[k] for k in (f"{url.scheme}_proxy".upper(), f"{url.scheme}_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None)
+    if proxy:  # behind a proxy the hub is as reachable as the proxy is
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname or host, purl.port or 8080
     key = f"{host}:{port}"
     if key not in _HUB_REACHABLE:
         try:

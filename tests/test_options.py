@@ -122,6 +122,8 @@ def test_revision_of_a_local_model_is_refused(tiny):
 
 
 def test_offline_hub_message_is_unchanged_and_fast(monkeypatch):
+    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(models, "_HUB_REACHABLE", {})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     t = time.time()
@@ -131,6 +133,9 @@ def test_offline_hub_message_is_unchanged_and_fast(monkeypatch):
     assert time.time() - t < 15
     msg = str(ei.value)
     assert "not in the local Hugging Face cache; this machine cannot reach the hub" in msg and "\n" not in msg
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy: the proxy is what is probed
+    assert models.hub_reachable(timeout=2) is False and "127.0.0.1:9" in models._HUB_REACHABLE
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(models, "_HUB_REACHABLE", {"127.0.0.1:9": True})
     assert models.hub_reachable() is False  # offline mode is respected without a probe
