@@ -165,6 +165,13 @@ def test_seed_picks_the_windows(tiny):
     a, b, a2 = (_eval_json(tiny, "--seed", s) for s in (0, 1, 0))
     assert a["results"][0]["ppl"] == a2["results"][0]["ppl"] != b["results"][0]["ppl"]
     assert (a["seed"], b["seed"], b["provenance"]["seed"]) == (0, 1, 1)
+    errs = []
+    for seed in (0, 1, 0):  # calibrate: the seed picks the calibration windows too
+        r, _ = api.calibrate(str(tiny["dir"]), calib=str(tiny["calib"]), num_samples=1, seq_len=300, seed=seed,
+                             output=tiny["tmp"] / f"seed{seed}.safetensors", progress=False, overwrite=True)
+        errs.append(r.k_err)
+        assert r.seed == seed
+    assert torch.equal(errs[0], errs[2]) and not torch.equal(errs[0], errs[1])
 
 
 # -- -v / -q -----------------------------------------------------------------------------------------
