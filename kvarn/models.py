@@ -75,7 +75,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 
 
