@@ -166,3 +166,22 @@ def test_heatmap_colours_mean_one_width_in_every_plot(tmp_path, tiny):
 
     assert share(p1, 2) > 0.05 and share(p1, 3) > 0.05 and share(p1, 16) < 0.01  # 16 only in the legend
     assert share(p2, 16) > 0.03 and share(p2, 8) > 0.03
+
+
+def test_accuracy_plot_replots_from_its_json(tmp_path):
+    """bench/accuracy.py's plot() re-draws bench/results/accuracy.json without any eval, also with
+    null standard errors (strict JSON of a one-window run) and a method it has not seen before."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        from accuracy import plot
+    finally:
+        sys.path.remove(str(bench))
+    rows = json.loads((bench / "results" / "accuracy.json").read_text())["results"]
+    rows = rows + [{**rows[-1], "method": "some-new-method", "delta_ppl_pct_se": None, "bits_per_element": 3.1}]
+    out = tmp_path / "acc.png"
+    plot(rows, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
