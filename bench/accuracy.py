@@ -23,30 +23,62 @@ PRESETS = ["kvarn-k4v4-g128", "kvarn-k4v2-g128", "kvarn-k4v2-g128-nosink", "kvar
 
 
 def plot(rows, path):
+    """Δppl vs bits/element, two linear panels: every method (left) and the low-loss region
+    (right, where the calibrated recipes and the KVarN presets sit; a method above it is marked
+    at the top edge with its value). One legend entry per method, no labels on the points."""
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in rows:
-        if r["method"] == "fp16":
-            continue
-        calibrated = r["method"].startswith("recipe")
-        ax.errorbar(r["bits_per_element"], r["delta_ppl_pct"], yerr=r["delta_ppl_pct_se"], fmt="o" if calibrated else "s",
-                    color="C0" if calibrated else "C1", capsize=3)
-        label = r["method"]
-        if calibrated:
-            label = "kvarn calibrated " + label.split("recipe-")[-1].replace(".safetensors)", " b")
-        ax.annotate(label, (r["bits_per_element"], r["delta_ppl_pct"]),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("stored bits per K/V element (scales included)")
-    ax.set_ylabel("Δ perplexity vs fp16 (%)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set_title("kvarn calibrated recipes (blue) vs uniform presets and baselines (orange)", fontsize=9)
+    rows = [r for r in rows if r["method"] != "fp16"]
+    recipes = sorted((r for r in rows if r["method"].startswith("recipe")), key=lambda r: r["bits_per_element"])
+    others = [r for r in rows if not r["method"].startswith("recipe")]
+
+    def se(r):
+        return r.get("delta_ppl_pct_se") or 0.0  # null (one window) draws no bar
+
+    def budget(r):
+        m = re.search(r"recipe-([0-9.]+)\.safetensors", r["method"])
+        return m.group(1) if m else f"{r['bits_per_element']:.2f}"
+
+    markers = "s^vDP<>Xph*"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.35]})
+    zoom_top = max([2.0] + [r["delta_ppl_pct"] + se(r) for r in recipes]
+                   + [r["delta_ppl_pct"] + se(r) for r in others if r["delta_ppl_pct"] < 10]) * 1.15
+    for k, ax in enumerate(axes):
+        if recipes:
+            ax.errorbar([r["bits_per_element"] for r in recipes], [r["delta_ppl_pct"] for r in recipes],
+                        yerr=[se(r) for r in recipes], fmt="o-", color="C0", ms=7, lw=1.5, capsize=3, zorder=3,
+                        label=f"kvarn calibrated recipes ({', '.join(budget(r) for r in recipes)} bits)")
+        for n, r in enumerate(others):
+            color, marker = f"C{(n + 1) % 10}", markers[n % len(markers)]
+            y = r["delta_ppl_pct"]
+            if k == 1 and y > zoom_top:  # off the zoomed scale: an arrow at the top edge
+                ax.annotate(f"{y:.0f}%", (r["bits_per_element"], zoom_top), xytext=(0, -22), textcoords="offset points",
+                            ha="center", fontsize=7, color=color,
+                            arrowprops=dict(arrowstyle="->", color=color, lw=1))
+                continue
+            ax.errorbar(r["bits_per_element"], y, yerr=se(r), fmt=marker, color=color, ms=6, capsize=3,
+                        label=f"{r['method']} ({y:+.2f}%)" if k == 0 else None)
+        xs = [r["bits_per_element"] for r in rows]
+        ax.set_xlim(min(xs) - 0.4, max(xs) + 0.4)
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.set_xlabel("stored bits per K/V element (scales included)")
+        ax.grid(alpha=0.25)
+    axes[0].set_ylabel("Δ perplexity vs fp16 (%)")
+    axes[0].set_title("all methods", fontsize=9)
+    axes[1].set_ylim(min(-0.5, min(r["delta_ppl_pct"] - se(r) for r in rows) * 1.2), zoom_top)
+    axes[1].set_title(f"zoom: Δppl up to {zoom_top:.1f}% (± standard error over windows)", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Accuracy vs memory on held-out text: kvarn calibrated recipes against uniform presets and baselines",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main():

@@ -21,6 +21,7 @@ from .errors import KvarnError, printable
 from .outputs import check_output, is_png
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
+from .report import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,47 @@ def _config_shape(config, name: str) -> tuple[int, int, int]:
         raise KvarnError(f"model {name}: its config has no attention shape kvarn can read ({type(e).__name__}: "
                          f"{printable(str(e), 120)}); kvarn needs a decoder-only causal LM") from None
     return fp.num_layers, fp.num_kv_heads, fp.head_dim
+
+
+def _is_spec(model) -> bool:
+    return model is None or isinstance(model, (str, os.PathLike))
+
+
+def _model_folder(model) -> str | None:
+    """The folder a model comes from: the argument itself, or a model object's ``name_or_path``."""
+    if _is_spec(model):
+        return None if model is None else str(model)
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _open_model(model, tokenizer, loaded, device, dtype):
+    """``loaded`` (a ``LoadedModel``), or a model object wrapped with its tokenizer, or None when
+    ``model`` is a path or id to load after the checks."""
+    from .models import wrap_model
+
+    if loaded is not None:
+        return loaded
+    if not _is_spec(model):
+        return wrap_model(model, tokenizer, device=device, dtype=dtype)
+    return None
+
+
+def _load(model, tokenizer, config, device, dtype, revision, trust_remote_code):
+    from .models import load_model
+
+    lm = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+                    config=config)
+    if tokenizer is not None:
+        lm.tokenizer = tokenizer
+    logger.info("kvarn: loaded %s (%s) as %s on %s", lm.model_id, lm.source, str(lm.model.dtype).removeprefix("torch."),
+                lm.model.device)
+    return lm
+
+
+def _run_info(lm, revision) -> dict:
+    return {"model_source": lm.source, "revision": revision, "device": str(lm.model.device),
+            "dtype": str(lm.model.dtype).removeprefix("torch.")}
 
 
 def default_recipe_path(model_spec: str | None) -> Path:
@@ -88,68 +130,88 @@ class CalibrationReport:
     seconds: float
     k_bits_mean: float
     v_bits_mean: float
+    provenance: dict = field(default_factory=dict)
 
 
 def calibrate(
-    model: str | None = None, calib: str | None = None, num_samples: int | None = None,
+    model=None, calib: str | None = None, num_samples: int | None = None,
     seq_len: int | None = None, avg_bits: float | None = None, compression: float | None = None,
     output: str | os.PathLike | None = None, tile: int = 128, keep_first_tile: bool = True,
     objective: str = "fisher", k_normalize: str = "none", v_normalize: str = "static",
     clip: bool = True, seed: int = 0, progress: bool = True, loaded=None, overwrite: bool = False,
-    tp_size: int = 1,
+    tokenizer=None, device="auto", dtype="auto", revision: str | None = None, trust_remote_code: bool = False,
+    text_column: str | None = None, tp_size: int = 1,
 ) -> tuple[Recipe, CalibrationReport]:
     """Calibrate ``model`` on a calibration set and write a recipe.
 
-    Lifecycle: load model → tokenize the calibration set into windows → capture streaming K/V
-    statistics and per-candidate attention-output errors → allocate K/V bits per layer and head
-    under the budget (``avg_bits`` bits/element including scales, or ``compression`` vs fp16) →
-    write the recipe atomically. ``loaded`` (a ``LoadedModel``) skips loading. ``tp_size`` > 1
-    balances the budget over the KV heads of each tensor-parallel rank (vLLM's split), so every
-    rank holds the same bytes per token; the recipe records it in ``budget.tp_sizes``.
+    Lifecycle: check everything the flags and the model's config allow → load the model →
+    tokenize the calibration set into windows (``num_samples`` drawn under ``seed`` among all the
+    text's non-overlapping windows) → capture streaming K/V statistics and per-candidate
+    attention-output errors → allocate K/V bits per layer and head under the budget (``avg_bits``
+    bits/element including scales, or ``compression`` vs fp16) → write the recipe atomically.
+
+    ``model``: a path or model id (loaded with ``device``, ``dtype``, ``revision``,
+    ``trust_remote_code``, as the CLI's flags), or a transformers model object with its
+    ``tokenizer``, used where and as it is (as llm-compressor's ``oneshot`` takes them).
+    ``loaded`` (a ``LoadedModel``) skips loading too. ``text_column``: the field of a .jsonl file or
+    dataset (text, or chat ``messages`` rendered with the model's chat template).
+    ``tp_size`` > 1 balances the budget over the KV heads of each tensor-parallel rank (vLLM's split)
+    in every layer, so every rank holds the same bytes per token; recorded in ``budget.tp_sizes``.
     """
     from .allocation import allocate_bits
     from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
     from .data import resolve_calib, spec_hash, load_text, make_windows
-    from .models import load_config, load_model
+    from .models import load_config, resolve_device, resolve_dtype
     from .parallel import head_groups_for_tp
     from .quant.formats import SUPPORTED_TILES, TensorFormat
     from .quant.hadamard import check_head_dim
     from .stats import compute_stats
 
     t0 = time.time()
+    loaded = _open_model(model, tokenizer, loaded, device, dtype)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise KvarnError(f"--seed {seed!r}: must be an integer; e.g. --seed 0")
     # Everything checkable is checked before any weights load (issue 10): output path, budget,
     # tile, calibration spec, then from the model's config alone head_dim, context and memory.
-    out_path = check_output(output_path(output or default_recipe_path(model)), flag="-o/--output",
+    folder = _model_folder(model)
+    out_path = check_output(output_path(output or default_recipe_path(folder)), flag="-o/--output",
                             what="kvarn recipe", is_ours=is_recipe_file, overwrite=overwrite)
     avg_bits, budget_flag = preflight.budget_bits(avg_bits, compression, DEFAULT_AVG_BITS)
     if tile not in SUPPORTED_TILES:
         raise KvarnError(f"--tile {tile} is not supported; use one of {list(SUPPORTED_TILES)}")
-    spec = resolve_calib(calib or DEFAULT_CALIB, num_samples=num_samples, seq_len=seq_len)
+    spec = resolve_calib(calib or DEFAULT_CALIB, num_samples=num_samples, seq_len=seq_len, text_column=text_column)
     where = f"--seq-len {spec.seq_len}" if seq_len is not None else f"calibration set {spec.name} (seq_len {spec.seq_len})"
     if spec.seq_len <= tile * (2 if keep_first_tile else 1):
         raise KvarnError(
             f"{where}: too short to read any quantized tile "
             f"(tile {tile}{', first tile kept fp16' if keep_first_tile else ''}); use --seq-len {tile * 4} or more"
         )
-    config = loaded.model.config if loaded is not None else load_config(model)
+    config = loaded.model.config if loaded is not None else load_config(model, revision, trust_remote_code)
     name = loaded.model_id if loaded is not None else (model or "the embedded model")
     D = _config_shape(config, name)[2]
     check_head_dim(D, f"{name}: head_dim")
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise KvarnError(f"--tp-size {tp_size!r}: must be an integer >= 1")
     head_groups = head_groups_for_tp(_config_shape(config, name)[1], tp_size) if tp_size > 1 else None
+    if loaded is None:
+        dev, dt = resolve_device(device), resolve_dtype(dtype, config)
+    else:
+        dev, dt = loaded.model.device, loaded.model.dtype
     preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
-                           device=None if loaded is None else loaded.model.device)
+                           device=dev, bytes_per_param=dt.itemsize)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
     v_fmt = TensorFormat((), "token", v_normalize, clip=clip)
     min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
     preflight.check_reachable(avg_bits, budget_flag, min_bits,
                               f"{min(CANDIDATE_BITS)}-bit codes with their fp16 scales, head_dim {D}, tile {tile}")
-    text, desc = load_text(spec.source)
+    text, desc = load_text(spec.source, spec.text_column, flag="--calib")
     torch.manual_seed(seed)
-    lm = loaded or load_model(model)
+    lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code)
     L, H, D = _model_shape(lm.model)
-    windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})")
+    windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})",
+                           seed=seed)
+    logger.info("kvarn: calibrating on %d windows x %d tokens of %s, drawn under seed %d", spec.num_samples,
+                spec.seq_len, desc, seed)
     cfg = CaptureConfig(tile=tile, keep_first_tile=keep_first_tile, k=k_fmt, v=v_fmt)
     cap = capture_kv(lm.model, windows, cfg, progress=progress)
     stats = compute_stats(cap, objective)
@@ -174,6 +236,7 @@ def calibrate(
         bits_per_element=recipe.bits_per_element(), compression=recipe.compression(),
         predicted_error=alloc.predicted_error, seconds=time.time() - t0,
         k_bits_mean=float(alloc.k_bits.float().mean()), v_bits_mean=float(alloc.v_bits.float().mean()),
+        provenance=provenance(seed, **_run_info(lm, revision)),
     )
     return recipe, report
 
@@ -193,6 +256,7 @@ class MethodResult:
     top1: float
     top1_se: float
     seconds: float
+    recipe_path: str | None = None  # the file a recipe row was read from (None for the presets)
 
 
 @dataclass
@@ -204,9 +268,32 @@ class EvalReport:
     recipe: str | None
     results: list[MethodResult] = field(default_factory=list)
     seconds: float = 0.0
+    seed: int | None = None
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: a value that is not a finite number (a standard error over one window) is None."""
+        from .report import strict
+
+        return strict(asdict(self))
+
+
+def recipe_labels(paths: list) -> list[str]:
+    """One row name per recipe: ``recipe (NAME)``, or with as many parent folders as it takes to
+    tell recipes of the same file name apart (``recipe (a/kvarn_recipe.safetensors)``). The same
+    file given twice is refused."""
+    resolved = [Path(p).expanduser().resolve() for p in paths]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise KvarnError(f"--recipe {paths[i]}: given twice; pass each recipe once")
+    parts = [r.parts for r in resolved]
+    labels = []
+    for i, ps in enumerate(parts):
+        n = 1
+        while n < len(ps) and any(q[-n:] == ps[-n:] for j, q in enumerate(parts) if j != i):
+            n += 1
+        labels.append(f"recipe ({'/'.join(ps[-n:])})")
+    return labels
 
 
 def _se(x: torch.Tensor) -> float:
@@ -214,28 +301,41 @@ def _se(x: torch.Tensor) -> float:
 
 
 def evaluate(
-    model: str | None = None, recipe: str | os.PathLike | list | None = None, text: str = DEFAULT_TEXT,
+    model=None, recipe: str | os.PathLike | list | None = None, text: str = DEFAULT_TEXT,
     num_windows: int = 8, seq_len: int = 1024, methods: list[str] | None = None,
-    progress: bool = True, loaded=None,
+    progress: bool = True, loaded=None, tokenizer=None, device="auto", dtype="auto",
+    revision: str | None = None, trust_remote_code: bool = False, text_column: str = "text", seed: int = 0,
 ) -> EvalReport:
     """Perplexity, KL(fp16 ‖ method) and top-1 agreement with fp16 on held-out text, for fp16,
     the recipe(s) (a path or a list of paths) and the baselines, each read the way a runtime reads
     its cache. Windows are evaluated one at a time against their own fp16 pass, so memory stays at
-    one window's logits per method."""
+    one window's logits per method; they are ``num_windows`` drawn under ``seed`` among all the
+    text's non-overlapping windows of ``seq_len`` tokens, which must be long enough for a query to
+    read a quantized tile of every method. ``seed=None``: the first windows of the text, in order
+    (how the README's accuracy table was measured, before windows were drawn).
+
+    ``model``: a path or model id (loaded with ``device``, ``dtype``, ``revision``,
+    ``trust_remote_code``), or a transformers model object with its ``tokenizer`` (as lm-eval's
+    ``HFLM(pretrained=model, tokenizer=...)``), used where and as it is; ``loaded`` (a
+    ``LoadedModel``) too. ``text_column``: as in ``calibrate``."""
     from tqdm.auto import tqdm
 
     from .data import load_text, make_windows
     from .model_hook import attached
-    from .models import load_config, load_model
+    from .models import load_config, resolve_device, resolve_dtype
     from .quant.scheme import PRESETS, SchemeAttention, preset_scheme
 
     t0 = time.time()
+    loaded = _open_model(model, tokenizer, loaded, device, dtype)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise KvarnError(f"--seed {seed!r}: must be an integer; e.g. --seed 0")
     # before any weights load: the flags, the recipes (and that they fit the model's config), the
     # window against the model's context and this machine's memory, the text
     for flag, value in (("--num-windows", num_windows), ("--seq-len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvarnError(f"{flag} {value!r}: must be an integer >= 1; pass a positive integer")
     recipe_paths = [] if recipe is None else [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe)
+    labels = recipe_labels(recipe_paths)
     recipes = [(path, Recipe.load(path)) for path in recipe_paths]
     for path, r in recipes:
         if r.calibration.get("source") == text:
@@ -244,21 +344,28 @@ def evaluate(
     for name in names:
         if name not in PRESETS:
             raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
-    config = loaded.model.config if loaded is not None else load_config(model)
+    config = loaded.model.config if loaded is not None else load_config(model, revision, trust_remote_code)
     L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
     for path, r in recipes:
         r.check_model(config, path)
-    preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None,
-                           device=None if loaded is None else loaded.model.device)
-    body, desc = load_text(text)
-    lm = loaded or load_model(model)
     schemes = {"fp16": None}
-    for path, r in recipes:
-        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
+    for label, (path, r) in zip(labels, recipes):
+        schemes[label] = r.to_scheme("recipe")
     for name in names:
         schemes[name] = preset_scheme(name, L, H, D)
+    preflight.check_reads_quantized(seq_len, [(n, s.tile, s.keep_first_tile) for n, s in schemes.items() if s is not None])
+    if loaded is None:
+        dev, dt = resolve_device(device), resolve_dtype(dtype, config)
+    else:
+        dev, dt = loaded.model.device, loaded.model.dtype
+    preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None,
+                           device=dev, bytes_per_param=dt.itemsize)
+    body, desc = load_text(text, text_column)
+    lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code)
     windows = make_windows(lm.tokenizer, body, num_windows, seq_len, f"--text {text} ({desc})",
-                           flags=("--num-windows", "--seq-len"))
+                           flags=("--num-windows", "--seq-len"), seed=seed)
+    logger.info("kvarn: evaluating %d methods on %d windows x %d tokens of %s, drawn under seed %s", len(schemes),
+                num_windows, seq_len, desc, seed)
     per = {name: {"nll": [], "kl": [], "top1": [], "sec": 0.0} for name in schemes}
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
@@ -280,7 +387,9 @@ def evaluate(
                 per[name]["sec"] += time.time() - ts
                 bar.update(1)
     bar.close()
-    report = EvalReport(lm.model_id, f"{text} ({desc})", num_windows, seq_len, ", ".join(str(p) for p in recipe_paths) or None)
+    report = EvalReport(lm.model_id, f"{text} ({desc})", num_windows, seq_len, ", ".join(str(p) for p in recipe_paths) or None,
+                        seed=seed, provenance=provenance(seed, **_run_info(lm, revision)))
+    paths = {label: str(path) for label, path in zip(labels, recipe_paths)}
     base_nll = torch.stack(per["fp16"]["nll"])
     for name, scheme in schemes.items():
         nll = torch.stack(per[name]["nll"])
@@ -293,7 +402,7 @@ def evaluate(
             fp16_tokens_per_seq=0 if scheme is None else scheme.fp16_tokens_per_sequence(),
             ppl=float(nll.mean().exp()), delta_ppl_pct=100 * float(torch.expm1(d.mean())),
             delta_ppl_pct_se=100 * _se(d), kl=float(kl.mean()), kl_se=_se(kl),
-            top1=float(top.mean()), top1_se=_se(top), seconds=per[name]["sec"],
+            top1=float(top.mean()), top1_se=_se(top), seconds=per[name]["sec"], recipe_path=paths.get(name),
         ))
     report.seconds = time.time() - t0
     return report
@@ -303,11 +412,14 @@ def format_eval_table(report: EvalReport) -> str:
     head = f"{report.model_id} on {report.text}: {report.num_windows} windows x {report.seq_len} tokens"
     cols = f"{'method':<42} {'bits/el':>7} {'compr':>6} {'ppl':>8} {'Δppl %':>15} {'KL(fp16‖m)':>17} {'top-1 %':>13}"
     lines = [head, cols, "-" * len(cols)]
+    def se(x, width: int, digits: int, scale: float = 1.0) -> str:  # "—" where one window gives no error bar
+        return f"{scale * x:>{width}.{digits}f}" if x is not None and math.isfinite(x) else f"{'—':>{width}}"
+
     for r in report.results:
         lines.append(
             f"{r.method:<42} {r.bits_per_element:>7.3f} {r.compression:>5.2f}x {r.ppl:>8.3f} "
-            f"{r.delta_ppl_pct:>+7.2f} ± {r.delta_ppl_pct_se:>5.2f} {r.kl:>8.4f} ± {r.kl_se:>6.4f} "
-            f"{100 * r.top1:>6.2f} ± {100 * r.top1_se:>4.2f}"
+            f"{r.delta_ppl_pct:>+7.2f} ± {se(r.delta_ppl_pct_se, 5, 2)} {r.kl:>8.4f} ± {se(r.kl_se, 6, 4)} "
+            f"{100 * r.top1:>6.2f} ± {se(r.top1_se, 4, 2, 100)}"
         )
     fp16_toks = {r.fp16_tokens_per_seq for r in report.results if r.fp16_tokens_per_seq}
     lines.append(f"(± = standard error over windows; bits/el counts quantized tiles with scales; "
@@ -332,6 +444,7 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
         **_rank_bytes(r),
         "k_bits_histogram": {int(b): int((r.k_bits == b).sum()) for b in r.k_bits.unique()},
         "v_bits_histogram": {int(b): int((r.v_bits == b).sum()) for b in r.v_bits.unique()},
+        "provenance": provenance(r.seed),
     }
     if plot is not None:
         from .plot import plot_bits_heatmap

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
+import shlex
 import sys
 
 import click
 
 from .errors import KvarnError, printable
+
+_ARGV: list[str] = []  # the arguments of this invocation, for the reports' provenance
 
 
 def _run(fn):
@@ -32,10 +36,75 @@ def _run(fn):
 
 
 def _emit(obj, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
+    """The report: strict JSON (no NaN; ``null`` instead) with the kvarn command line in its
+    provenance, or the text."""
+    from .report import dumps
+
+    if isinstance(obj, dict) and isinstance(obj.get("provenance"), dict):
+        obj["provenance"]["command"] = shlex.join(["kvarn", *_ARGV])
+    click.echo(dumps(obj) if as_json else text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def _verbosity(verbose: int, quiet: bool):
+    """Route kvarn's log to stderr for one command: warnings by default, ``-v`` info, ``-vv``
+    debug, ``-q`` errors only (and no progress bars, transformers' warnings silenced). Yields
+    whether progress bars may be shown; the logger is left as it was found afterwards."""
+    if verbose and quiet:
+        raise KvarnError("-v and -q both given; pass one of them (-v: more detail, -q: errors only)")
+    level = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    log = logging.getLogger("kvarn")
+    before = (log.level, log.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    tf = None
+    if quiet:
+        import transformers
+
+        tf = transformers.logging
+        tf_before = (tf.get_verbosity(), tf.is_progress_bar_enabled())
+        tf.set_verbosity_error()
+        tf.disable_progress_bar()
+    try:
+        yield not quiet
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(before[0])
+        log.propagate = before[1]
+        if tf is not None:
+            tf.set_verbosity(tf_before[0])
+            if tf_before[1]:
+                tf.enable_progress_bar()
+
+
+class _Group(click.Group):
+    def main(self, args=None, *a, **kw):
+        global _ARGV
+        _ARGV = list(sys.argv[1:] if args is None else args)
+        return super().main(args, *a, **kw)
+
+
+def _model_options(f):
+    """How the model is loaded and how much is said: the same on every command that loads one."""
+    for opt in reversed([
+        click.option("--device", default="auto", metavar="DEVICE",
+                     help="Where the model runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:N."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     help="Weights' dtype: auto = the model config's own (float32 for .gguf files)."),
+        click.option("--revision", default=None, metavar="REV",
+                     help="Branch, tag or commit of a Hugging Face model id. [default: the hub's default branch]"),
+        click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run (only for models you trust)."),
+        click.option("-v", "--verbose", count=True, show_default=False, help="Say more on stderr (-vv: debug). [default: warnings only]"),
+        click.option("-q", "--quiet", is_flag=True, help="Errors only: no progress bars or warnings."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="kvarn")
 def main():
     """kvarn: calibrated KVarN KV-cache quantization (4-6x smaller caches)."""
@@ -48,30 +117,40 @@ Examples:
   kvarn calibrate model.gguf --calib notes.txt --compression 5 -o r.safetensors
 """)
 @click.argument("model", required=False)
-@click.option("--calib", default=None, metavar="SPEC", help="Calibration set: a name in calibrate/, a .yaml spec, a .txt/.jsonl file, wiki:first or hf:NAME[:CONFIG[:SPLIT]]. [default: wiki-first-half]")
-@click.option("--num-samples", type=int, default=None, help="Override the spec's number of windows.")
-@click.option("--seq-len", type=int, default=None, help="Override the spec's window length (tokens).")
+@click.option("--calib", default=None, metavar="SPEC", help="Calibration set: a name in calibrate/, a .yaml spec, a .txt/.jsonl file, a save_to_disk folder, wiki:first or hf:NAME[:CONFIG[:SPLIT]]. [default: wiki-first-half]")
+@click.option("--num-samples", type=int, default=None, help="Override the spec's number of windows. [default: the spec's, 6 for wiki-first-half]")
+@click.option("--seq-len", type=int, default=None, help="Override the spec's window length (tokens). [default: the spec's, 1024 for wiki-first-half]")
+@click.option("--text-column", default=None, metavar="NAME", help="Field of a .jsonl file or dataset: text, or chat messages (rendered with the model's chat template). [default: the spec's, text; rows with only \"messages\" are chats]")
 @click.option("--avg-bits", type=float, default=None, help="Memory target: average stored bits per K/V element, scales included. [default: 3.0]")
-@click.option("--compression", type=float, default=None, help="Memory target as times fewer bytes than fp16 (alternative to --avg-bits).")
+@click.option("--compression", type=float, default=None, help="Memory target as times fewer bytes than fp16 (alternative to --avg-bits). [default: none, --avg-bits is used]")
 @click.option("-o", "--output", default=None, metavar="PATH", help="Recipe path. [default: MODEL/kvarn/recipe.safetensors for a model directory (weight loaders do not look there), else ./kvarn_recipe.safetensors]")
 @click.option("--tile", type=click.Choice(["64", "128"]), default="128", help="Tokens per quantized tile.")
 @click.option("--objective", type=click.Choice(["fisher", "mse"]), default="fisher", help="Allocation objective: loss-gradient-weighted or plain attention-output error.")
 @click.option("--k-normalize", type=click.Choice(["none", "tile"]), default="none", help="Keys: KVarN per-tile normalization (stores a per-token scale) or none.")
 @click.option("--v-normalize", type=click.Choice(["static", "tile", "none"]), default="static", help="Values: calibrated per-channel scale (free), KVarN per-tile normalization, or none.")
 @click.option("--no-clip", is_flag=True, help="Plain min/max ranges instead of the MSE-optimal clipping search.")
-@click.option("--seed", type=int, default=0)
-@click.option("--tp-size", type=int, default=1, show_default=True, help="Balance the bits so each of this many tensor-parallel ranks holds equal bytes per token.")
+@click.option("--seed", type=int, default=0, help="Which windows of the text calibrate: drawn at random under this seed (recorded in the recipe).")
+@click.option("--tp-size", type=int, default=1, help="Balance the bits so each of this many tensor-parallel ranks holds equal bytes per token in every layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at -o that kvarn did not write (never a device or model weights).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, k_normalize, v_normalize, no_clip, seed, tp_size, overwrite, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (strict: null for a number that is not finite).")
+@_model_options
+def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compression, output, tile, objective, k_normalize,
+              v_normalize, no_clip, seed, tp_size, overwrite, as_json, device, dtype, revision, trust_remote_code, verbose, quiet):
     """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
-    from . import api
 
     def go():
+        with _verbosity(verbose, quiet) as show:
+            _calibrate(show)
+
+    def _calibrate(show):
+        from . import api
+
         _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
                                compression=compression, output=output, tile=int(tile), objective=objective,
                                k_normalize=k_normalize, v_normalize=v_normalize, clip=not no_clip,
-                               seed=seed, progress=not as_json, overwrite=overwrite, tp_size=tp_size)
+                               seed=seed, progress=show and not as_json, overwrite=overwrite, device=device,
+                               dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               text_column=text_column, tp_size=tp_size)
         text = (f"wrote {rep.recipe_path}: {rep.bits_per_element:.3f} bits/element (scales included), "
                 f"{rep.compression:.2f}x smaller than fp16; mean K bits {rep.k_bits_mean:.2f}, V bits {rep.v_bits_mean:.2f}; "
                 f"calibrated on {rep.calibration['set']} ({rep.calibration['tokens']} tokens) in {rep.seconds:.1f} s")
@@ -88,16 +167,25 @@ Examples:
 @click.argument("model", required=False)
 @click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn/recipe.safetensors, or recipes/ for the embedded model]")
 @click.option("--no-recipe", is_flag=True, help="Compare the baselines only.")
-@click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
-@click.option("--num-windows", type=int, default=8, show_default=True)
-@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--text", default="wiki:second", help="Held-out text: wiki:second, a .txt/.jsonl file, a save_to_disk folder or hf:NAME.")
+@click.option("--text-column", default="text", metavar="NAME", help="Field of a .jsonl file or dataset: text, or chat messages (rendered with the model's chat template); rows with only \"messages\" are chats.")
+@click.option("--num-windows", type=int, default=8, help="Windows of held-out text.")
+@click.option("--seq-len", type=int, default=1024, help="Tokens per window; more than 2 tiles, so that a quantized tile is read.")
+@click.option("--seed", type=int, default=0, help="Which windows of the text: drawn at random under this seed.")
 @click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3]")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (strict: null for a number that is not finite).")
+@_model_options
+def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, seed, methods, as_json, device, dtype,
+             revision, trust_remote_code, verbose, quiet):
     """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
-    from . import api
 
     def go():
+        with _verbosity(verbose, quiet) as show:
+            _eval(show)
+
+    def _eval(show):
+        from . import api
+
         recipes = list(recipe)
         if not recipes and not no_recipe:
             found = api.find_recipe(model)
@@ -107,7 +195,8 @@ def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, as_j
             recipes = [found]
         rep = api.evaluate(model, recipe=recipes or None, text=text, num_windows=num_windows, seq_len=seq_len,
                            methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-                           progress=not as_json)
+                           progress=show and not as_json, device=device, dtype=dtype, revision=revision,
+                           trust_remote_code=trust_remote_code, text_column=text_column, seed=seed)
         _emit(rep.to_dict(), as_json, api.format_eval_table(rep))
 
     _run(go)
@@ -118,16 +207,20 @@ Examples:
   kvarn inspect recipes/smollm2-135m-instruct.safetensors --plot bits.png
 """)
 @click.argument("recipe")
-@click.option("--plot", default=None, metavar="PNG", help="Write a heatmap of bits per layer and head.")
+@click.option("--plot", default=None, metavar="PNG", help="Write a heatmap of bits per layer and head. [default: no plot]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --plot that is not a PNG (never a device).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(recipe, plot, overwrite, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (strict).")
+@click.option("-v", "--verbose", count=True, show_default=False, help="Say more on stderr (-vv: debug). [default: warnings only]")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+def inspect(recipe, plot, overwrite, as_json, verbose, quiet):
     """Summarise a recipe (reads its header and bit tables)."""
-    from . import api
 
     def go():
-        s = api.inspect(recipe, plot=plot, overwrite=overwrite)
-        _emit(s, as_json, api.format_inspect(s))
+        with _verbosity(verbose, quiet):
+            from . import api
+
+            s = api.inspect(recipe, plot=plot, overwrite=overwrite)
+            _emit(s, as_json, api.format_inspect(s))
 
     _run(go)
 

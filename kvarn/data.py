@@ -10,6 +10,15 @@ Text sources (``load_text``):
 * ``hf:NAME[:CONFIG[:SPLIT]]`` -- a ``datasets`` dataset (column ``"text"``, split ``train``);
 * a directory written by ``datasets.Dataset.save_to_disk`` (column ``"text"``).
 
+In a ``.jsonl`` file or a dataset the column is ``text_column`` (``--text-column``, default ``text``);
+a row's value is plain text or a chat: a list of ``{"role": ..., "content": ...}`` messages (a row
+without ``text`` but with ``messages`` is a chat too). Chats are rendered with the model's chat
+template when the tokenizer is known (``make_windows``), so ``load_text`` returns a ``Documents``
+for them and a ``str`` otherwise.
+
+Windows (``make_windows``) are drawn at random among all the non-overlapping windows of the text
+under a seed (``--seed``), or taken from its start in order when ``seed`` is None.
+
 Calibration specs are small YAML files in the top-level ``calibrate/`` folder (see its README).
 """
 
@@ -225,8 +234,60 @@ _SOURCES_HELP = (
 )
 
 
-def _words(text: str) -> int:
+DEFAULT_TEXT_COLUMN = "text"
+CHAT_COLUMN = "messages"
+
+
+class Documents(list):
+    """Rows of a source holding chats: each item is a plain text (``str``) or a conversation (a list
+    of ``{"role": str, "content": str}``), rendered with the tokenizer's chat template by
+    ``render_text``."""
+
+    def words(self) -> int:
+        return sum(_words(d) if isinstance(d, str) else sum(_words(m["content"]) for m in d) for d in self)
+
+
+def _words(text) -> int:
+    if isinstance(text, Documents):
+        return text.words()
     return len(text.split())
+
+
+def _has_text(text) -> bool:
+    return bool(text) if isinstance(text, Documents) else bool(text.strip())
+
+
+def _as_chat(value, where: str):
+    """``value`` as a conversation (list of role/content dicts) or a one-line error."""
+    if not value:
+        raise KvarnError(f"{where}: an empty list of messages; each chat needs at least one "
+                         '{"role": ..., "content": ...} message')
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise KvarnError(f"{where}: message {i} is not a {{\"role\": str, \"content\": str}} object "
+                             f"(got {str(m)[:80]!r}); write each message as role and text content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _row_value(row: dict, column: str, where: str, how: str):
+    """The text or chat of one row (``None`` for an empty one); a one-line error without either."""
+    key = column
+    if column not in row and column == DEFAULT_TEXT_COLUMN and CHAT_COLUMN in row:
+        key = CHAT_COLUMN
+    value = row.get(key)
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, list):
+        return _as_chat(value, f"{where} ({key!r})")
+    got = "missing" if key not in row else f"a {type(value).__name__}"
+    raise KvarnError(f"{where}: field {key!r} is {got}, not text or a list of chat messages; {how}")
+
+
+def _join(values: list) -> str | Documents:
+    """Plain texts joined by a blank line, or ``Documents`` when any row is a chat."""
+    if any(isinstance(v, list) for v in values):
+        return Documents(values)
+    return "\n\n".join(values)
 
 
 def _read_utf8(path: Path) -> str:
@@ -249,48 +310,51 @@ def _load_txt(path: Path) -> str:
     return text
 
 
-def _load_jsonl(path: Path) -> str:
+def _load_jsonl(path: Path, column: str = DEFAULT_TEXT_COLUMN) -> str | Documents:
     content = _read_utf8(path)
     parts = []
+    how = (f'each line must be a JSON object like {{"{column}": "..."}}' if column != DEFAULT_TEXT_COLUMN else
+           'each line must be a JSON object like {"text": "..."} or {"messages": [{"role": "user", "content": "..."}]}')
+    how += "; --text-column picks another field"
     for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise KvarnError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be a JSON object "
-                'like {"text": "..."}'
-            ) from e
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise KvarnError(
-                f"{path}:{lineno}: no string field \"text\"; each line must be a JSON object "
-                'like {"text": "..."}'
-            )
-        if obj["text"].strip():
-            parts.append(obj["text"])
-    return "\n\n".join(parts)
+            raise KvarnError(f"{path}:{lineno}: not valid JSON ({e.msg}); {how}") from e
+        if not isinstance(obj, dict):
+            raise KvarnError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {how}")
+        value = _row_value(obj, column, f"{path}:{lineno}", how)
+        if value is not None:
+            parts.append(value)
+    return _join(parts)
 
 
-def _texts_from_dataset(ds, where: str) -> str:
+def _texts_from_dataset(ds, where: str, column: str = DEFAULT_TEXT_COLUMN) -> str | Documents:
     cols = list(getattr(ds, "column_names", None) or [])
-    if "text" not in cols:
+    key = column
+    if column not in cols and column == DEFAULT_TEXT_COLUMN and CHAT_COLUMN in cols:
+        key = CHAT_COLUMN
+    if key not in cols:
         raise KvarnError(
-            f"{where}: has no \"text\" column (columns: {', '.join(cols) or 'none'}); "
-            "use a dataset with a \"text\" column or convert it to a .jsonl file"
+            f"{where}: has no \"{column}\" column (columns: {', '.join(cols) or 'none'}); "
+            "name the column with --text-column (text or chat messages), or convert it to a .jsonl file"
         )
+    how = "the column must hold text or lists of chat messages; pick another with --text-column"
     parts = []
-    for t in ds["text"]:
-        if isinstance(t, str) and t.strip():
-            parts.append(t)
-    return "\n\n".join(parts)
+    for i, t in enumerate(ds[key]):
+        value = _row_value({key: t}, key, f"{where} row {i}", how) if t is not None else None
+        if value is not None:
+            parts.append(value)
+    return _join(parts)
 
 
 def _is_saved_dataset_dir(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _load_saved_dataset(path: Path) -> tuple[str, str]:
+def _load_saved_dataset(path: Path, column: str = DEFAULT_TEXT_COLUMN) -> tuple[str | Documents, str]:
     try:
         import datasets
     except ImportError as e:
@@ -311,10 +375,10 @@ def _load_saved_dataset(path: Path) -> tuple[str, str]:
             )
         ds = ds["train"]
         where = f"{path} (split train)"
-    return _texts_from_dataset(ds, where), f"dataset folder {path} ({ds.num_rows} rows)"
+    return _texts_from_dataset(ds, where, column), f"dataset folder {path} ({ds.num_rows} rows)"
 
 
-def _load_hf(source: str) -> tuple[str, str]:
+def _load_hf(source: str, column: str = DEFAULT_TEXT_COLUMN) -> tuple[str | Documents, str]:
     parts = source[len("hf:"):].split(":")
     if not parts[0] or len(parts) > 3 or any(not p for p in parts):
         raise KvarnError(
@@ -342,26 +406,44 @@ def _load_hf(source: str) -> tuple[str, str]:
             f"({type(e).__name__}: {msg}); check the name/config/split, and if the Hugging Face hub "
             "is unreachable pass a local .txt/.jsonl file instead"
         ) from e
-    return _texts_from_dataset(ds, source), f"{source} ({ds.num_rows} rows)"
+    return _texts_from_dataset(ds, source, column), f"{source} ({ds.num_rows} rows)"
 
 
-def load_text(source: str) -> tuple[str, str]:
+def _check_column(column, source: str, flag: str) -> str:
+    if not isinstance(column, str) or not column.strip():
+        raise KvarnError(f"--text-column {column!r}: must be a column name; e.g. --text-column text")
+    column = column.strip()
+    if column != DEFAULT_TEXT_COLUMN:
+        p = Path(source).expanduser()
+        tabular = (source.startswith("hf:") or p.is_dir()
+                   or (not source.startswith("wiki:") and p.suffix.lower() in _JSONL_SUFFIXES))
+        if not tabular:
+            raise KvarnError(f"--text-column {column}: {flag} {source} is plain text, which has no columns; "
+                             "--text-column applies to .jsonl files and datasets — drop it")
+    return column
+
+
+def load_text(source: str, text_column: str = DEFAULT_TEXT_COLUMN,
+              flag: str = "--text") -> tuple[str | Documents, str]:
     """Load text from ``source`` and return ``(text, description)``.
 
     ``source`` is ``wiki:first|second|all``, a ``.txt``/``.jsonl`` file, ``hf:NAME[:CONFIG[:SPLIT]]``
-    or a ``save_to_disk`` dataset folder. Raises ``KvarnError`` (one line) on any problem,
-    including an empty result.
+    or a ``save_to_disk`` dataset folder; ``text_column`` names the field of a .jsonl file or
+    dataset (text, or chat messages: then the result is ``Documents``, see ``render_text``).
+    ``flag`` is the option that named the source (in messages). Raises ``KvarnError`` (one line)
+    on any problem, including an empty result.
     """
     if not isinstance(source, str) or not source.strip():
         raise KvarnError(f"text source {source!r}: empty; {_SOURCES_HELP}")
     source = source.strip()
+    column = _check_column(text_column, source, flag)
     if source.startswith("wiki:"):
         part = source[len("wiki:"):]
         text = wiki_text(part)
         desc = f"{source} (Wikipedia sample from gensim, {_words(text)} words)"
         where = source
     elif source.startswith("hf:"):
-        text, desc = _load_hf(source)
+        text, desc = _load_hf(source, column)
         where = source
     else:
         path = Path(source).expanduser()
@@ -372,12 +454,12 @@ def load_text(source: str) -> tuple[str, str]:
                     f"{path}: a folder but not a datasets save_to_disk folder (no state.json or "
                     f"dataset_dict.json); {_SOURCES_HELP}"
                 )
-            text, desc = _load_saved_dataset(path)
+            text, desc = _load_saved_dataset(path, column)
         elif path.is_file():
             suffix = path.suffix.lower()
             if suffix in _JSONL_SUFFIXES:
-                text = _load_jsonl(path)
-                desc = f"{path} (jsonl)"
+                text = _load_jsonl(path, column)
+                desc = f"{path} (jsonl{', chat' if isinstance(text, Documents) else ''})"
             elif suffix in _TEXT_SUFFIXES:
                 text = _load_txt(path)
                 desc = f"{path} (text)"
@@ -395,8 +477,8 @@ def load_text(source: str) -> tuple[str, str]:
             problem = path_problem(path)
             what = "no such file or folder" if problem in (None, "does not exist") else problem
             raise KvarnError(f"{path}: {what}; {_SOURCES_HELP}")
-        desc = f"{desc[:-1]}, {_words(text)} words)" if text.strip() else desc
-    if not text.strip():
+        desc = f"{desc[:-1]}, {_words(text)} words)" if _has_text(text) else desc
+    if not _has_text(text):
         raise KvarnError(f"{where}: contains no text; pass a source with some text in it")
     return text, desc
 
@@ -415,11 +497,13 @@ class CalibSpec:
     num_samples: int
     seq_len: int
     description: str = ""
+    text_column: str = DEFAULT_TEXT_COLUMN
 
 
 DEFAULT_CALIB = "wiki-first-half"
 _SPEC_REQUIRED = ("source", "num_samples", "seq_len")
-_SPEC_TYPES = {"name": str, "source": str, "num_samples": int, "seq_len": int, "description": str}
+_SPEC_TYPES = {"name": str, "source": str, "num_samples": int, "seq_len": int, "description": str,
+               "text_column": str}
 
 
 def calib_dir() -> Path:
@@ -479,6 +563,7 @@ def _spec_from_mapping(data, where: str, default_name: str, base_dir: Path | Non
         num_samples=data["num_samples"],
         seq_len=data["seq_len"],
         description=data.get("description", ""),
+        text_column=data.get("text_column", DEFAULT_TEXT_COLUMN).strip() or DEFAULT_TEXT_COLUMN,
     )
 
 
@@ -519,9 +604,11 @@ def load_calib_spec(name_or_path: str | os.PathLike) -> CalibSpec:
 
 
 def resolve_calib(
-    arg: str | None = None, num_samples: int | None = None, seq_len: int | None = None
+    arg: str | None = None, num_samples: int | None = None, seq_len: int | None = None,
+    text_column: str | None = None,
 ) -> CalibSpec:
-    """Turn a ``--calib`` argument into a spec, applying ``--num-samples``/``--seq-len`` overrides.
+    """Turn a ``--calib`` argument into a spec, applying ``--num-samples``/``--seq-len``/``--text-column``
+    overrides (the column is checked against the source: plain text has none).
 
     ``arg`` may be a spec name, a ``.yaml`` path, or directly a text source (``wiki:...``, a
     ``.txt``/``.jsonl`` file, ``hf:NAME...`` or a ``save_to_disk`` folder), in which case the
@@ -555,14 +642,20 @@ def resolve_calib(
             flag = "--" + key.replace("_", "-")
             raise KvarnError(f"{flag}: must be an integer >= 1 (got {value!r}); pass a positive integer")
         changes[key] = value
+    if text_column is not None:
+        changes["text_column"] = _check_column(text_column, spec.source, "--calib")
     if changes:
         spec = CalibSpec(**{**asdict(spec), **changes})
     return spec
 
 
 def spec_hash(spec: CalibSpec) -> str:
-    """Short sha256 (12 hex digits) of the canonical JSON of ``spec``."""
-    canon = json.dumps(asdict(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Short sha256 (12 hex digits) of the canonical JSON of ``spec`` (a field added later enters
+    only when it is not at its default, so older specs keep their hash)."""
+    fields_ = asdict(spec)
+    if fields_.get("text_column") == DEFAULT_TEXT_COLUMN:
+        del fields_["text_column"]
+    canon = json.dumps(fields_, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:12]
 
 
@@ -602,18 +695,50 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def make_windows(tokenizer, text: str, num_windows: int, seq_len: int, what: str,
-                 flags: tuple[str, str] = ("--num-samples", "--seq-len")) -> torch.LongTensor:
-    """``[num_windows, seq_len]`` token ids: consecutive non-overlapping windows from the start of ``text``.
+def render_text(tokenizer, text: str | Documents, what: str) -> str:
+    """``text`` as one string: ``Documents`` have each chat rendered with the tokenizer's chat
+    template (``apply_chat_template(..., tokenize=False)``: its special tokens appear as text and
+    are tokenized as themselves), rows joined by a blank line; a ``str`` is returned as it is."""
+    if not isinstance(text, Documents):
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise KvarnError(f"{what}: holds chat messages but the model's tokenizer has no chat template; "
+                         "use a chat (instruct) model, set tokenizer.chat_template, or give plain text rows")
+    out = []
+    for doc in text:
+        if isinstance(doc, str):
+            out.append(doc)
+            continue
+        try:
+            out.append(tokenizer.apply_chat_template(doc, tokenize=False))
+        except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, templates raise their own
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise KvarnError(f"{what}: the model's chat template cannot render a chat ({type(e).__name__}: "
+                             f"{first}); check the roles and their order against the template") from e
+    return "\n\n".join(out)
 
-    If the tokenizer has a BOS token it is the first id of every window (so each window holds
-    ``seq_len - 1`` text tokens). ``what`` names the text in error messages (e.g. the file);
-    ``flags`` are the command's options for the window count and length (eval: ``--num-windows``).
+
+def make_windows(tokenizer, text: str | Documents, num_windows: int, seq_len: int, what: str,
+                 flags: tuple[str, str] = ("--num-samples", "--seq-len"),
+                 seed: int | None = None) -> torch.LongTensor:
+    """``[num_windows, seq_len]`` token ids: non-overlapping windows of ``text``.
+
+    With ``seed`` the windows are ``num_windows`` drawn at random (``torch.randperm`` under that
+    seed) among all the non-overlapping windows the text holds, in text order; with ``None``
+    the first ``num_windows`` in order. If the tokenizer has a BOS token it is the first id of
+    every window (so each window holds ``seq_len - 1`` text tokens). ``Documents`` (chats) are
+    rendered with the tokenizer's chat template first. ``what`` names the text in error messages
+    (e.g. the file); ``flags`` are the command's options for the window count and length (eval:
+    ``--num-windows``).
     """
     n_flag, len_flag = flags
     for flag, value in ((n_flag, num_windows), (len_flag, seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvarnError(f"{what}: {flag} must be an integer >= 1 (got {value!r}); pass a positive integer")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise KvarnError(f"--seed {seed!r}: must be an integer; e.g. --seed 0")
+    if isinstance(text, Documents):
+        text = render_text(tokenizer, text, what)
     if not isinstance(text, str) or not text.strip():
         raise KvarnError(f"{what}: the text is empty; pass a source with some text in it")
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -632,7 +757,14 @@ def make_windows(tokenizer, text: str, num_windows: int, seq_len: int, what: str
             f"{what}: has {len(ids)} tokens, need {formula} = {need}; use a longer text or "
             f"fewer/shorter windows ({n_flag}/{len_flag})"
         )
-    t = torch.tensor(ids[:need], dtype=torch.long).view(num_windows, body)
+    available = len(ids) // body
+    if seed is None:
+        starts = list(range(num_windows))
+    else:
+        g = torch.Generator().manual_seed(seed % 2**63)
+        starts = sorted(torch.randperm(available, generator=g)[:num_windows].tolist())
+    stream = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)
+    t = stream[starts]
     if bos is not None:
         t = torch.cat([torch.full((num_windows, 1), int(bos), dtype=torch.long), t], dim=1)
     return t

@@ -1,4 +1,6 @@
-"""Model loading: the embedded SmolLM2 GGUF, any .gguf file, a local model folder or a cached HF id.
+"""Model loading: the embedded SmolLM2 GGUF, any .gguf file, a local model folder or an HF id
+(downloaded when the hub answers, else from the local cache), on a ``--device`` in a ``--dtype``
+(``auto``: the config's own), or a model object the caller loaded (``wrap_model``).
 
 GGUF files are dequantized by transformers (slow: ~17 s for SmolLM2-135M), so the converted float32
 model is saved once under ``<cache_dir>/models/<stem>-<fingerprint>`` and later loads read that
@@ -73,21 +75,115 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto"
+
+
 def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise KvarnError(
-        f"dtype {dtype!r}: not a supported dtype; use float32, float16 or bfloat16"
+        f"--dtype {dtype}: not a supported dtype; use auto (the model's own), float32, bfloat16 or float16"
     )
 
 
-def _torch_device(device) -> torch.device:
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares (``dtype``, formerly ``torch_dtype``), if kvarn runs it."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in (config, text):
+        for key in ("dtype", "torch_dtype"):
+            value = getattr(c, key, None)
+            if isinstance(value, str):
+                value = _DTYPES.get(value.lower().removeprefix("torch."))
+            if isinstance(value, torch.dtype) and value in _DTYPES.values():
+                return value
+    return None
+
+
+def resolve_dtype(dtype, config=None) -> torch.dtype:
+    """``auto`` (or None): the dtype the model's config declares, float32 when it declares none
+    (a GGUF file, which kvarn dequantizes to float32); otherwise float32, bfloat16 or float16."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        return (config_dtype(config) if config is not None else None) or torch.float32
+    return _torch_dtype(dtype)
+
+
+def resolve_device(device) -> torch.device:
+    """``auto`` (or None): the first CUDA device when torch sees one, else the CPU; ``cpu``,
+    ``cuda``, ``cuda:N``. A CUDA device torch cannot see is refused in one line."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise KvarnError(f"device {device!r}: not a valid torch device ({e}); use e.g. cpu or cuda:0") from e
+        dev = device if isinstance(device, torch.device) else torch.device(str(device).strip().lower())
+    except (RuntimeError, TypeError, ValueError):
+        raise KvarnError(f"--device {device}: not a device name; use {DEVICE_HELP}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise KvarnError(f"--device {device}: kvarn runs on the CPU or a CUDA GPU; use {DEVICE_HELP}")
+    if not torch.cuda.is_available():
+        raise KvarnError(f"--device {device}: torch sees no CUDA device on this machine (torch.cuda.is_available() "
+                         "is False); use --device cpu (or auto)")
+    n = torch.cuda.device_count()
+    index = 0 if dev.index is None else dev.index
+    if index >= n:
+        raise KvarnError(f"--device {device}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                         f"(cuda:0..cuda:{n - 1}); use one of them or auto")
+    return torch.device("cuda", index)
+
+
+def _hub_offline_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, or the ``HTTPS_PROXY`` in front of it) answers
+    a TCP connection within ``timeout`` seconds (checked once per process); False under
+    ``HF_HUB_OFFLINE=1``. Without this probe a
+    machine without a network waits ~25 s in transformers' retries before failing."""
+    if _hub_offline_env():
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = next((os.environ[k] for k in (f"{url.scheme}_proxy".upper(), f"{url.scheme}_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None)
+    if proxy:  # behind a proxy the hub is as reachable as the proxy is
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname or host, purl.port or 8080
+    key = f"{host}:{port}"
+    if key not in _HUB_REACHABLE:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                _HUB_REACHABLE[key] = True
+        except OSError:
+            _HUB_REACHABLE[key] = False
+    return _HUB_REACHABLE[key]
+
+
+def _hub_kwargs(kind: str, spec: str, revision: str | None, trust_remote_code: bool) -> dict:
+    """from_pretrained keywords for a model of ``kind`` (``dir``/``gguf``/``hf``): ``revision`` only
+    for a hub id (one line otherwise), the hub only when it is reachable."""
+    if revision is not None:
+        if not isinstance(revision, str) or not revision.strip():
+            raise KvarnError(f"--revision {revision!r}: must be a branch, tag or commit; e.g. --revision main")
+        if kind != "hf":
+            what = "a .gguf file" if kind == "gguf" else "a local folder"
+            raise KvarnError(f"--revision {revision}: model {spec} is {what}, which has no revisions; "
+                             "--revision applies to a Hugging Face model id — drop it or check out that revision")
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
+    if kind == "hf":
+        if revision is not None:
+            kw["revision"] = revision.strip()
+        kw["local_files_only"] = not hub_reachable()
+    return kw
 
 
 def _first_line(e: BaseException) -> str:
@@ -325,13 +421,28 @@ def _resolve(spec: str | None) -> tuple[str, Path | str, str]:
     return "hf", spec, spec
 
 
-def load_config(spec: str | None = None):
+def _hub_error(spec: str, kw: dict, e: BaseException) -> KvarnError:
+    if kw.get("local_files_only", True):
+        return KvarnError(
+            f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
+            "Face cache; this machine cannot reach the hub — pass a local model directory or "
+            "a .gguf file (or download it first where the hub is reachable)"
+        )
+    rev = f" at revision {kw['revision']!r}" if "revision" in kw else ""
+    return KvarnError(
+        f"model {spec!r}: cannot load it from the Hugging Face hub{rev} ({_first_line(e)}); check the id "
+        "(and --revision), log in with `hf auth login` for a gated or private model, or pass a local folder"
+    )
+
+
+def load_config(spec: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
     """The model's transformers config without loading any weights (for the checks that come
     before the work: head_dim, context length, memory). A GGUF that was converted before is read
     from the cache folder; otherwise from the GGUF header. One-line ``KvarnError`` on failure."""
     from transformers import AutoConfig
 
     kind, where, spec = _resolve(spec)
+    kw = _hub_kwargs(kind, spec, revision, trust_remote_code)
     try:
         if kind == "gguf":
             _check_gguf_header(where)
@@ -340,19 +451,15 @@ def load_config(spec: str | None = None):
                 return AutoConfig.from_pretrained(str(cached))
             return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
         if kind == "dir":
-            return AutoConfig.from_pretrained(str(where))
-        return AutoConfig.from_pretrained(where, local_files_only=True)
+            return AutoConfig.from_pretrained(str(where), **kw)
+        return AutoConfig.from_pretrained(where, **kw)
     except KvarnError:
         raise
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except OSError as e:
         if kind == "hf":
-            raise KvarnError(
-                f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
-                "Face cache; this machine cannot reach the hub — pass a local model directory or "
-                "a .gguf file (or download it first where the hub is reachable)"
-            ) from e
+            raise _hub_error(spec, kw, e) from e
         raise KvarnError(f"model {spec}: cannot read its config ({_first_line(e)}); check the path") from e
     except Exception as e:  # noqa: BLE001 - transformers/gguf raise ValueError, KeyError...
         raise KvarnError(
@@ -361,23 +468,32 @@ def load_config(spec: str | None = None):
         ) from e
 
 
-def load_model(spec: str | None = None, dtype=torch.float32, device="cpu") -> LoadedModel:
+def load_model(spec: str | None = None, dtype="auto", device="auto", revision: str | None = None,
+               trust_remote_code: bool = False, config=None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 
     ``spec``: ``None`` or ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), a ``.gguf`` file,
-    a transformers model folder, or a Hugging Face model id already in the local HF cache (this
-    machine cannot reach the hub). Raises ``KvarnError`` with a one-line message on failure.
+    a transformers model folder, or a Hugging Face model id (downloaded when the hub is reachable,
+    else read from the local HF cache; ``revision`` picks a branch, tag or commit). ``dtype``:
+    ``auto`` (the config's own; float32 for GGUF files), float32, bfloat16 or float16. ``device``:
+    ``auto`` (CUDA when torch sees it), cpu, cuda, cuda:N. ``config``: the already-read config, to
+    resolve ``auto`` without reading it again. Raises ``KvarnError`` with a one-line message on failure.
     """
-    dtype = _torch_dtype(dtype)
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     kind, where, spec = _resolve(spec)
+    kw = _hub_kwargs(kind, spec, revision, trust_remote_code)
+    if kind == "gguf" and (dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto")):
+        dtype = torch.float32  # kvarn dequantizes GGUF weights to float32
+    elif dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        dtype = resolve_dtype(dtype, config if config is not None else load_config(spec, revision, trust_remote_code))
+    dtype = _torch_dtype(dtype)
 
     if spec == EMBEDDED_MODEL:
         model, tokenizer = _load_gguf(where, dtype)
         model_id, source = EMBEDDED_MODEL_ID, f"gguf:{where}"
     elif kind == "dir":
         try:
-            model, tokenizer = _load_dir(where, dtype)
+            model, tokenizer = _load_dir(where, dtype, **kw)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001
@@ -391,28 +507,50 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu") -> Lo
         model_id, source = spec, f"gguf:{where.resolve()}"
     else:
         try:
-            model, tokenizer = _load_dir(spec, dtype, local_files_only=True)
+            model, tokenizer = _load_dir(spec, dtype, **kw)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except OSError as e:
-            raise KvarnError(
-                f"model {spec!r}: not a local directory or .gguf file and not in the local Hugging "
-                "Face cache; this machine cannot reach the hub — pass a local model directory or "
-                "a .gguf file (or download it first where the hub is reachable)"
-            ) from e
+            raise _hub_error(spec, kw, e) from e
         except Exception as e:  # noqa: BLE001 - e.g. an invalid repo id or unsupported model
+            where_from = "the local Hugging Face cache" if kw["local_files_only"] else "the Hugging Face hub"
             raise KvarnError(
-                f"model {spec!r}: cannot load it from the local Hugging Face cache ({_first_line(e)}); "
-                "this machine cannot reach the hub — pass a local model directory or a .gguf file"
+                f"model {spec!r}: cannot load it from {where_from} ({_first_line(e)}); "
+                + ("this machine cannot reach the hub — pass a local model directory or a .gguf file"
+                   if kw["local_files_only"] else "check the id and --revision, or pass a local model directory")
             ) from e
-        model_id, source = spec, f"hf:{spec}"
+        model_id = spec if "revision" not in kw else f"{spec}@{kw['revision']}"
+        source = f"hf:{model_id}"
 
+    return _finish(model, tokenizer, model_id, source, dtype, dev, device)
+
+
+def _finish(model, tokenizer, model_id, source, dtype, dev, device) -> LoadedModel:
     if model.dtype != dtype:
         model = model.to(dtype)
     if dev.type != "cpu" or model.device != dev:
         try:
             model = model.to(dev)
         except (RuntimeError, AssertionError) as e:
-            raise KvarnError(f"device {device!r}: cannot move the model there ({_first_line(e)}); use --device cpu") from e
+            raise KvarnError(f"--device {device}: cannot move the model there ({_first_line(e)}); use --device cpu") from e
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source=source)
+
+
+def wrap_model(model, tokenizer, device="auto", dtype="auto") -> LoadedModel:
+    """A ``LoadedModel`` around a transformers model and tokenizer the caller already loaded (as
+    llm-compressor's ``oneshot`` and lm-eval take them). The model is used where and as it is
+    (put in eval mode); ``device``/``dtype`` other than ``auto`` are refused — move or cast it first."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise KvarnError(f"model: got a {type(model).__name__}; pass a path, a model id, or a transformers "
+                         "PreTrainedModel (with tokenizer=)")
+    if tokenizer is None or not callable(tokenizer):
+        raise KvarnError(f"tokenizer: got {type(tokenizer).__name__}; a model object needs its tokenizer — pass "
+                         "tokenizer=AutoTokenizer.from_pretrained(...)")
+    for flag, value in (("device", device), ("dtype", dtype)):
+        if value is not None and not (isinstance(value, str) and value.lower() == "auto"):
+            raise KvarnError(f"{flag}={value!r}: a model object is used where and as it is; move or cast it "
+                             f"first (model.to(...)) and leave {flag} at auto")
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=str(name), source=f"object:{type(model).__name__}")

@@ -68,6 +68,21 @@ def check_reachable(avg_bits: float, flag: str, min_bits: float, detail: str) ->
                      f"bits/element: {detail}); use --avg-bits {math.ceil(min_bits * 1000) / 1000:g} or more")
 
 
+def check_reads_quantized(seq_len: int, schemes: list[tuple[str, int, bool]]) -> None:
+    """Each ``(name, tile, keep_first_tile)`` method must read a quantized tile within a window of
+    ``seq_len`` tokens: a query reads its own tile (and the first, where kept) in fp16, so a window
+    of at most 2 tiles (1 without the fp16 first tile) reads nothing quantized and reports the
+    method as lossless. One line naming every method that would."""
+    short = [(name, tile, keep) for name, tile, keep in schemes if seq_len <= tile * (2 if keep else 1)]
+    if not short:
+        return
+    need = max(tile * (2 if keep else 1) for _, tile, keep in short)
+    what = ", ".join(f"{name} (tile {tile}{', first tile fp16' if keep else ''})" for name, tile, keep in short)
+    raise KvarnError(f"--seq-len {seq_len}: too short for {what}: no query would read a quantized tile (a window "
+                     f"must be longer than {need} tokens), so they would look lossless; "
+                     f"use --seq-len {max(4 * t for _, t, _ in short)} or more")
+
+
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -145,10 +160,10 @@ def _device_free(device) -> int | None:
 
 
 def check_window(config, seq_len: int, where: str, *, backward: bool, weights_loaded: bool,
-                 available: int | None = None, device=None) -> None:
+                 available: int | None = None, device=None, bytes_per_param: int = 4) -> None:
     """``seq_len`` within the model's context and its estimated peak memory within what is
-    available (plus the weights, when they are not loaded yet): host memory, or the GPU's free
-    memory when ``device`` is a CUDA device. ``where`` names the flag or spec."""
+    available (plus the weights at ``bytes_per_param``, when they are not loaded yet): host memory,
+    or the GPU's free memory when ``device`` is a CUDA device. ``where`` names the flag or spec."""
     ctx = context_length(config)
     if ctx is not None and seq_len > ctx:
         raise KvarnError(f"{where}: a window of {seq_len} tokens is longer than the model's context "
@@ -157,7 +172,7 @@ def check_window(config, seq_len: int, where: str, *, backward: bool, weights_lo
         available = available_memory() if device is None or str(device).startswith("cpu") else _device_free(device)
     if available is None:
         return
-    extra = 0 if weights_loaded else weight_bytes(config)
+    extra = 0 if weights_loaded else weight_bytes(config, bytes_per_param)
     need = window_bytes(config, seq_len, backward) + extra
     if need <= available:
         return

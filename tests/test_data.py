@@ -397,3 +397,94 @@ def test_make_windows_empty_and_bad_sizes():
     with pytest.raises(KvarnError) as ei:
         make_windows(tok, "hello there", 1, 1, "sizes.txt")
     _assert_one_line_error(ei, "sizes.txt", "seq-len")
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: windows under a seed, --text-column, chat rows
+# --------------------------------------------------------------------------------------------------
+
+
+def test_seed_draws_windows_among_the_whole_text(wiki):
+    tok = _tiny_tokenizer(bos=True)
+    text = wiki["first"][:30_000]
+    stream = tokenize_text(tok, text)
+    body = 31
+    whole = [stream[i * body:(i + 1) * body] for i in range(len(stream) // body)]
+    a, a2, b = (make_windows(tok, text, 6, 32, "x", seed=s) for s in (0, 0, 1))
+    assert torch.equal(a, a2) and not torch.equal(a, b)
+    for w in (a, b):
+        assert (w[:, 0] == tok.bos_token_id).all()
+        idx = [whole.index(row) for row in w[:, 1:].tolist()]  # each is one of the text's windows ...
+        assert idx == sorted(set(idx))  # ... distinct, in text order
+    assert max(whole.index(r) for r in b[:, 1:].tolist()) > 6  # not just the first ones
+    first = make_windows(tok, text, 6, 32, "x", seed=None)  # None: the start of the text, in order
+    assert first[:, 1:].reshape(-1).tolist() == stream[: 6 * body]
+    with pytest.raises(KvarnError, match="--seed"):
+        make_windows(tok, text, 6, 32, "x", seed="1")
+
+
+def test_text_column(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"body": "alpha beta", "text": 3}\n{"body": "gamma"}\n', encoding="utf-8")
+    text, _ = load_text(str(p), text_column="body")
+    assert text == "alpha beta\n\ngamma"
+    with pytest.raises(KvarnError) as ei:
+        load_text(str(p))
+    _assert_one_line_error(ei, "rows.jsonl:1", "'text'", "int", "--text-column")
+    txt = tmp_path / "plain.txt"
+    txt.write_text("some words", encoding="utf-8")
+    for call in (lambda: load_text(str(txt), text_column="body"), lambda: resolve_calib(str(txt), text_column="body")):
+        with pytest.raises(KvarnError) as ei:
+            call()
+        _assert_one_line_error(ei, "--text-column body", "plain text")
+    spec = resolve_calib(str(p), text_column="body")
+    assert spec.text_column == "body" and spec_hash(spec) != spec_hash(resolve_calib(str(p)))
+    # a spec at the default column keeps the hash it had before the field existed
+    old = CalibSpec(name="n", source="s", num_samples=1, seq_len=2)
+    canon = json.dumps({"name": "n", "source": "s", "num_samples": 1, "seq_len": 2, "description": ""},
+                       sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    import hashlib
+
+    assert spec_hash(old) == hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def test_chat_rows_render_with_the_chat_template(tmp_path):
+    from kvarn.data import Documents, render_text
+
+    tok = _tiny_tokenizer(bos=True)
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    p = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "The quick fox?"}, {"role": "assistant", "content": "Jumps."}]},
+            {"text": "A plain row."}]
+    p.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    text, desc = load_text(str(p))
+    assert isinstance(text, Documents) and "chat" in desc and "words" in desc
+    rendered = render_text(tok, text, "chats.jsonl")
+    assert rendered == "<s>user: The quick fox?\n<s>assistant: Jumps.\n\n\nA plain row."
+    ids = tokenize_text(tok, rendered)
+    assert ids.count(tok.bos_token_id) == 2  # the template's special tokens are tokens, not text
+    w = make_windows(tok, text, 1, len(ids) + 1, "chats.jsonl")
+    assert w[0, 1:].tolist() == ids
+    bare = _tiny_tokenizer(bos=True)
+    with pytest.raises(KvarnError) as ei:
+        make_windows(bare, text, 1, 8, "chats.jsonl")
+    _assert_one_line_error(ei, "chats.jsonl", "no chat template")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": ["image", "text"]}]}), encoding="utf-8")
+    with pytest.raises(KvarnError) as ei:
+        load_text(str(bad))
+    _assert_one_line_error(ei, "bad.jsonl:1", "message 0", "role", "content")
+
+
+def test_chat_column_of_a_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from kvarn.data import Documents
+
+    d = tmp_path / "ds"
+    datasets.Dataset.from_dict({"conv": [[{"role": "user", "content": "hi there"}], [{"role": "user", "content": "bye"}]],
+                                "id": [1, 2]}).save_to_disk(str(d))
+    text, desc = load_text(str(d), text_column="conv")
+    assert isinstance(text, Documents) and text[1] == [{"role": "user", "content": "bye"}]
+    with pytest.raises(KvarnError) as ei:
+        load_text(str(d))
+    _assert_one_line_error(ei, "no \"text\" column", "conv", "--text-column")
