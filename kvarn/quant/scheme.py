@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import mixed_attention, quantized_read_mask
+from .attention import tiled_attention
 from .codec import NORMALIZE_ITERS, fake_quantize_sequence
 from .formats import LayerFormat, TensorFormat, bits_per_element, fp16_tokens_per_sequence
 
@@ -88,23 +88,33 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
 
 
 class SchemeAttention:
-    """Handler: attention that reads completed tiles as ``scheme`` stores them (fp16 if None)."""
+    """Handler: attention that reads completed tiles as ``scheme`` stores them (fp16 if None).
 
-    def __init__(self, scheme: CacheScheme | None):
+    ``softcap``: the model's ``attn_logit_softcapping`` (Gemma-2: scores capped by
+    ``softcap * tanh(s / softcap)`` before the mask), or None. The reading rule is
+    ``tiled_attention``'s; ``kvarn.quant.reference.scheme_attention_ref`` is the earlier whole-sequence
+    implementation it is tested against.
+    """
+
+    def __init__(self, scheme: CacheScheme | None, softcap: float | None = None):
         self.scheme = scheme
+        self.softcap = softcap
 
-    def attend(self, layer_idx, q, k, v, bias, scaling):
-        # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
-        k16, v16 = k.float().half().float(), v.float().half().float()
+    def quantized_kv(self, layer_idx, k16, v16):
+        """``(k_hat, v_hat)`` of one layer's fp16-rounded ``[B, H, T, D]`` K/V as the scheme stores them."""
         s = self.scheme
-        if s is None:
-            return mixed_attention(q, k16, v16, None, None, None, bias, scaling)
         fmt = s.layers[layer_idx]
         kp = None if s.k_log_std is None else s.k_log_std[layer_idx]
         vp = None if s.v_log_std is None else s.v_log_std[layer_idx]
-        k_hat = fake_quantize_sequence(k16, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters)
-        v_hat = fake_quantize_sequence(v16, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters)
-        t = k.shape[-2]
-        pos = torch.arange(t, device=k.device)
-        mask = quantized_read_mask(pos[t - q.shape[-2]:], pos, fmt.tile, s.keep_first_tile)
-        return mixed_attention(q, k16, v16, k_hat, v_hat, mask, bias, scaling)
+        return (fake_quantize_sequence(k16, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters),
+                fake_quantize_sequence(v16, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters))
+
+    def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
+        # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
+        k16, v16 = k.float().half().float(), v.float().half().float()
+        cap = softcap if softcap is not None else self.softcap
+        s = self.scheme
+        if s is None:
+            return tiled_attention(q, k16, v16, None, None, 1, False, bias, scaling, cap)
+        k_hat, v_hat = self.quantized_kv(layer_idx, k16, v16)
+        return tiled_attention(q, k16, v16, k_hat, v_hat, s.layers[layer_idx].tile, s.keep_first_tile, bias, scaling, cap)
