@@ -199,6 +199,50 @@ class EvalReport:
         return asdict(self)
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+_LOGIT_CHUNK = 1024  # positions per lm-head chunk: [chunk, vocab] float32 temporaries, not [T, vocab]
+
+
+def _window_metrics(model, ids: torch.Tensor, targets: torch.Tensor, base: list | None):
+    """Mean NLL, mean KL(base ‖ model) and top-1 agreement with ``base`` over one window ``ids [T]``.
+
+    The lm head and the log-softmax run on chunks of ``_LOGIT_CHUNK`` positions of the final hidden
+    states (a causal LM's logits at one position depend only on its hidden state), so no ``[T, vocab]``
+    tensor but the reference's own log-probabilities (``base``: the fp16 pass's, a list of chunks,
+    returned as the 4th value when ``base`` is None) is ever held. Models without a separable
+    decoder and head fall back to the full logits.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    n = len(targets)
+    if decoder is not None and head is not None:
+        hidden = decoder(input_ids=ids[None]).last_hidden_state[0, :n]
+        logits_of = lambda a, b: head(hidden[a:b]).float()  # noqa: E731
+    else:
+        logits = model(ids[None]).logits[0, :n]
+        logits_of = lambda a, b: logits[a:b].float()  # noqa: E731
+    nll = kl = top1 = 0.0
+    chunks = []
+    for i, a in enumerate(range(0, n, _LOGIT_CHUNK)):
+        b = min(a + _LOGIT_CHUNK, n)
+        z = logits_of(a, b)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        logp = torch.log_softmax(z, dim=-1)
+        ref = logp if base is None else base[i]
+        nll += float(-logp.gather(-1, targets[a:b, None]).sum())
+        kl += float((ref.exp() * (ref - logp)).sum())
+        top1 += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        if base is None:
+            chunks.append(logp)
+    mean = lambda x: torch.tensor(x / n, dtype=torch.float64)  # noqa: E731
+    return mean(nll), mean(kl), mean(top1), chunks
+
+
 def _se(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
@@ -250,23 +294,22 @@ def evaluate(
     windows = make_windows(lm.tokenizer, body, num_windows, seq_len, f"--text {text} ({desc})",
                            flags=("--num-windows", "--seq-len"))
     per = {name: {"nll": [], "kl": [], "top1": [], "sec": 0.0} for name in schemes}
+    softcap = getattr(_text_config(lm.model.config), "attn_logit_softcapping", None)
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
         for w in windows:
             w = w.to(lm.model.device)
-            ids = w[None]
             targets = w[1:]
             base = None
             for name, scheme in schemes.items():
                 ts = time.time()
-                with attached(lm.model, SchemeAttention(scheme)):
-                    logp = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), dim=-1)
+                with attached(lm.model, SchemeAttention(scheme, softcap=softcap)):
+                    nll, kl, top1, logp = _window_metrics(lm.model, w, targets, base)
                 if base is None:
                     base = logp
-                nll = -logp.gather(-1, targets[:, None])[:, 0]
-                per[name]["nll"].append(nll.mean())
-                per[name]["kl"].append((base.exp() * (base - logp)).sum(-1).mean())
-                per[name]["top1"].append((base.argmax(-1) == logp.argmax(-1)).float().mean())
+                per[name]["nll"].append(nll)
+                per[name]["kl"].append(kl)
+                per[name]["top1"].append(top1)
                 per[name]["sec"] += time.time() - ts
                 bar.update(1)
     bar.close()

@@ -13,7 +13,9 @@ import torch
 
 from .attention import tiled_attention
 from .codec import NORMALIZE_ITERS, fake_quantize_sequence
-from .formats import LayerFormat, TensorFormat, bits_per_element, fp16_tokens_per_sequence
+from .formats import FP16_BITS, LayerFormat, TensorFormat, bits_per_element, fp16_tokens_per_sequence
+from .turboquant import PRESETS as TURBOQUANT_PRESETS
+from .turboquant import boundary_layers
 
 
 @dataclass
@@ -57,7 +59,7 @@ def uniform_scheme(
 
 
 PRESETS = ("kvarn-k4v2-g128", "kvarn-k4v4-g128", "kvarn-k2v2-g128", "kvarn-k4v2-g128-nosink",
-           "int4-per-token-head", "kivi-2", "fp8-e4m3")
+           "int4-per-token-head", "kivi-2", "fp8-e4m3", *TURBOQUANT_PRESETS)
 
 
 def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) -> CacheScheme:
@@ -68,6 +70,9 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     int4-per-token-head: per token and head symmetric int4 (fp16 absmax scale), quantized on write (vLLM's int4_per_token_head).
     kivi-2: KIVI, 2-bit keys per channel / values per token, group 128, fp16 residual 128, no
     rotation. fp8-e4m3: cast on write with unit scale (vLLM's fp8 cache default).
+    turboquant-*: vLLM 0.26's TurboQuant dtypes (``kvarn.quant.turboquant``): quantized on write,
+    Lloyd-Max keys with norm correction (or fp8 keys for k8v4), min/max values, and the first and
+    last two layers left at 16 bits as vLLM leaves them.
     """
     n, h, d = num_layers, num_kv_heads, head_dim
     m = re.fullmatch(r"kvarn-k([2348])v([2348])-g128(-nosink)?", name)
@@ -84,6 +89,15 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     if name == "fp8-e4m3":
         f = TensorFormat((8,), "token", "none", hadamard=False, codec="fp8")
         return uniform_scheme(name, n, h, d, 1, f, f, False)
+    if name in TURBOQUANT_PRESETS:
+        kb, vb = TURBOQUANT_PRESETS[name]
+        kf = (TensorFormat((8,) * h, "token", "none", hadamard=False, codec="fp8") if kb == 8 else
+              TensorFormat((kb,) * h, "token", "none", hadamard=True, codec="lloyd-max"))
+        vf = TensorFormat((vb,) * h, "token", "none", hadamard=False, codec="rtn-tq")
+        skip = set(boundary_layers(n))
+        exact = TensorFormat((FP16_BITS,) * h, "token", "none", hadamard=False)
+        layers = [LayerFormat(d, 1, exact, exact) if i in skip else LayerFormat(d, 1, kf, vf) for i in range(n)]
+        return CacheScheme(name, layers, False)
     raise ValueError(f"unknown preset {name!r}; valid presets are {list(PRESETS)}")
 
 

@@ -130,3 +130,38 @@ def test_softcap_against_float64():
     assert err <= 1e-5, f"soft-capped reader vs float64: rel err {err:.2e}"
     uncapped = SchemeAttention(scheme).attend(0, q, k, v, _causal(t, t), 1 / math.sqrt(d))
     assert _rel(uncapped, ref) > 1e-3, "the cap did not change the result: the test would not see it missing"
+
+
+FORMATS = {  # every kvarn codec path: per-tile normalization with/without prior, static, clip, none
+    "k-tile-norm": (TensorFormat((4, 2, 3), "channel", "tile"), True),
+    "v-tile-norm": (TensorFormat((2, 2, 8), "token", "tile"), False),
+    "k-clip": (TensorFormat((2, 3, 16), "channel", "none", clip=True), False),
+    "v-static-clip": (TensorFormat((3, 2, 2), "token", "static", clip=True), True),
+    "kivi": (TensorFormat((2, 2, 2), "channel", "none", hadamard=False), False),
+    "int4": (TensorFormat((4, 4, 4), "token", "none", hadamard=False, codec="rtn-sym"), False),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("t,tile", [(1000, 128), (333, 64), (64, 64)])
+@pytest.mark.parametrize("chunk", [1 << 13, None], ids=["chunked", "default-chunk"])
+def test_fake_quantizer_bit_identical_to_previous(name, t, tile, chunk, monkeypatch):
+    """The in-place, chunked fake quantizer gives exactly the bits of the previous one (a small
+    chunk forces several chunks of one or two tiles)."""
+    from kvarn.quant import codec
+    from kvarn.quant.codec import fake_quantize_sequence
+    from kvarn.quant.reference import fake_quantize_sequence_ref
+
+    if chunk is not None:
+        monkeypatch.setattr(codec, "_CHUNK_ELEMENTS", chunk)
+
+    fmt, with_prior = FORMATS[name]
+    gen = torch.Generator().manual_seed(t + tile)
+    x = (torch.randn(2, 3, t, 64, generator=gen) * torch.rand(1, 3, 1, 64, generator=gen) * 4
+         + torch.randn(1, 3, 1, 64, generator=gen)).half().float()
+    prior = torch.randn(3, 64, generator=gen) * 0.5 if with_prior or fmt.normalize == "static" else None
+    for keep in (True, False):
+        got = fake_quantize_sequence(x, fmt, tile, keep, prior)
+        ref = fake_quantize_sequence_ref(x, fmt, tile, keep, prior)
+        diff = (got != ref).sum().item()
+        assert diff == 0, f"{name} t{t} tile {tile} keep {keep}: {diff} elements differ from the previous quantizer"
