@@ -10,6 +10,7 @@ import datetime
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -330,6 +331,128 @@ def evaluate(
         ))
     report.seconds = time.time() - t0
     return report
+
+
+@dataclass
+class PasskeyResult:
+    method: str
+    bits_per_element: float
+    context: int
+    trials: int
+    correct: int
+    accuracy: float
+    accuracy_se: float
+    by_depth: dict
+    seconds: float
+
+
+@dataclass
+class PasskeyReport:
+    model_id: str
+    text: str
+    contexts: list
+    trials: int
+    depths: list
+    recipe: str | None
+    chat_template: bool
+    mean_prompt_tokens: dict
+    results: list[PasskeyResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PASSKEY_METHODS = ("kvarn-k4v2-g128", "turboquant-k3v4-nc", "fp8-e4m3")
+
+
+def evaluate_passkey(
+    model: str | None = None, recipe: str | os.PathLike | list | None = None, text: str = DEFAULT_TEXT,
+    contexts: list[int] | None = None, trials: int = 10, methods: list[str] | None = None, seed: int = 0,
+    progress: bool = True, loaded=None,
+) -> PasskeyReport:
+    """Passkey retrieval accuracy per method and context (``kvarn.passkey``): ``trials`` prompts per
+    context, the needle's depth cycling through ``kvarn.passkey.DEPTHS``, the same prompts for every
+    method; fp16's own accuracy is the ceiling. ± is the binomial standard error."""
+    from tqdm.auto import tqdm
+
+    from . import passkey as pk
+    from .data import load_text
+    from .models import load_config, load_model
+    from .quant.scheme import PRESETS, preset_scheme
+
+    t0 = time.time()
+    contexts = [2048, 4096, 8192] if contexts is None else list(contexts)
+    if not contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 256 for c in contexts):
+        raise KvarnError(f"--contexts {','.join(map(str, contexts))}: must be integers >= 256 (tokens per prompt), e.g. --contexts 2048,4096")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise KvarnError(f"--trials {trials!r}: must be an integer >= 1; pass a positive integer")
+    recipe_paths = [] if recipe is None else [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe)
+    recipes = [(path, Recipe.load(path)) for path in recipe_paths]
+    names = list(methods) if methods is not None else list(PASSKEY_METHODS)
+    for name in names:
+        if name not in PRESETS:
+            raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
+    config = loaded.model.config if loaded is not None else load_config(model)
+    L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
+    for path, r in recipes:
+        r.check_model(config, path)
+    for c in contexts:
+        preflight.check_window(config, c + pk.MAX_NEW_TOKENS, f"--contexts {c}", backward=False,
+                               weights_loaded=loaded is not None, device=None if loaded is None else loaded.model.device)
+    body, desc = load_text(text)
+    lm = loaded or load_model(model)
+    sentences = pk.filler_sentences(body)
+    if len(sentences) < 50:
+        raise KvarnError(f"--text {text}: only {len(sentences)} short sentences to use as filler; pass a longer text")
+    builder = pk.PromptBuilder(lm.tokenizer, sentences)
+    schemes = {"fp16": None}
+    for path, r in recipes:
+        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
+    for name in names:
+        schemes[name] = preset_scheme(name, L, H, D)
+    softcap = getattr(_text_config(lm.model.config), "attn_logit_softcapping", None)
+    rng = random.Random(seed)
+    prompts = {c: [builder.build(c, pk.DEPTHS[i % len(pk.DEPTHS)], rng) for i in range(trials)] for c in contexts}
+    report = PasskeyReport(lm.model_id, f"{text} ({desc})", contexts, trials, list(pk.DEPTHS),
+                           ", ".join(str(p) for p in recipe_paths) or None, builder.chat,
+                           {c: sum(len(p.ids) for p in ps) / len(ps) for c, ps in prompts.items()})
+    bar = tqdm(total=len(contexts) * trials * len(schemes), desc="passkey", unit="prompt", disable=not progress)
+    for c in contexts:
+        for name, scheme in schemes.items():
+            ts = time.time()
+            hits, depth_hits = [], {}
+            for p in prompts[c]:
+                tokens = pk.generate_greedy(lm.model, p.ids, pk.IncrementalSchemeAttention(scheme, softcap))
+                ok = pk.answer_of(lm.tokenizer, tokens) == p.key
+                hits.append(ok)
+                depth_hits.setdefault(p.depth, []).append(ok)
+                bar.update(1)
+            n, k = len(hits), sum(hits)
+            acc = k / n
+            report.results.append(PasskeyResult(
+                method=name, bits_per_element=16.0 if scheme is None else scheme.bits_per_element(), context=c,
+                trials=n, correct=k, accuracy=acc, accuracy_se=math.sqrt(acc * (1 - acc) / n),
+                by_depth={d: sum(v) / len(v) for d, v in sorted(depth_hits.items())}, seconds=time.time() - ts))
+    bar.close()
+    report.seconds = time.time() - t0
+    return report
+
+
+def format_passkey_table(report: PasskeyReport) -> str:
+    head = (f"{report.model_id}: passkey retrieval, {report.trials} trials per context, filler from {report.text}"
+            f"{', chat template' if report.chat_template else ''}")
+    cols = f"{'method':<42} {'bits/el':>7} " + " ".join(f"{f'ctx {c}':>15}" for c in report.contexts)
+    lines = [head, cols, "-" * len(cols)]
+    by = {}
+    for r in report.results:
+        by.setdefault((r.method, r.bits_per_element), {})[r.context] = r
+    for (m, bits), rs in by.items():
+        cells = " ".join(f"{100 * rs[c].accuracy:>6.1f} ± {100 * rs[c].accuracy_se:>5.1f}" for c in report.contexts)
+        lines.append(f"{m:<42} {bits:>7.3f} {cells}")
+    lines.append(f"(accuracy %, ± = binomial standard error; depths {report.depths} cycled; mean prompt tokens "
+                 + ", ".join(f"{c}: {t:.0f}" for c, t in report.mean_prompt_tokens.items()) + ")")
+    return "\n".join(lines)
 
 
 def format_eval_table(report: EvalReport) -> str:

@@ -83,6 +83,8 @@ def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output,
 Examples:
   kvarn eval --recipe kvarn_recipe.safetensors
   kvarn eval ./my-model --recipe ./my-model/kvarn/recipe.safetensors --text heldout.txt --json
+  kvarn eval --seq-len 4096 --methods kvarn-k4v2-g128,turboquant-k3v4-nc
+  kvarn eval --task passkey --contexts 2048,4096,8192 --trials 20
 """)
 @click.argument("model", required=False)
 @click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn/recipe.safetensors, or recipes/ for the embedded model]")
@@ -90,9 +92,13 @@ Examples:
 @click.option("--text", default="wiki:second", show_default=True, help="Held-out text: wiki:second, a .txt/.jsonl file or hf:NAME.")
 @click.option("--num-windows", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3]")
+@click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3; for passkey kvarn-k4v2-g128,turboquant-k3v4-nc,fp8-e4m3]")
+@click.option("--task", type=click.Choice(["ppl", "passkey"]), default="ppl", show_default=True,
+              help="ppl: perplexity, KL and top-1 on --text windows; passkey: retrieval of a 5-digit key hidden in filler from --text.")
+@click.option("--contexts", default="2048,4096,8192", show_default=True, metavar="N,N,...", help="passkey: prompt lengths in tokens.")
+@click.option("--trials", type=int, default=10, show_default=True, help="passkey: prompts per context (the key's depth cycles 10-90%).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, as_json):
+def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, task, contexts, trials, as_json):
     """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
     from . import api
 
@@ -104,9 +110,18 @@ def eval_cmd(model, recipe, no_recipe, text, num_windows, seq_len, methods, as_j
                 raise KvarnError(f"no recipe for {model or 'the embedded model'}: pass --recipe PATH, make one with "
                                  f"`kvarn calibrate {model or ''}`".rstrip() + ", or use --no-recipe for baselines only")
             recipes = [found]
+        names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        if task == "passkey":
+            try:
+                ctx = [int(c) for c in contexts.split(",") if c.strip()]
+            except ValueError:
+                raise KvarnError(f"--contexts {printable(contexts, 60)}: must be comma-separated integers, e.g. --contexts 2048,4096") from None
+            rep = api.evaluate_passkey(model, recipe=recipes or None, text=text, contexts=ctx, trials=trials,
+                                       methods=names, progress=not as_json)
+            _emit(rep.to_dict(), as_json, api.format_passkey_table(rep))
+            return
         rep = api.evaluate(model, recipe=recipes or None, text=text, num_windows=num_windows, seq_len=seq_len,
-                           methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-                           progress=not as_json)
+                           methods=names, progress=not as_json)
         _emit(rep.to_dict(), as_json, api.format_eval_table(rep))
 
     _run(go)
