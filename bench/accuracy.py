@@ -50,9 +50,10 @@ def plot(panels, path):
             ax.errorbar(r["bits_per_element"], r["delta_ppl_pct"], yerr=r["delta_ppl_pct_se"], fmt=marker,
                         color=color, capsize=3)
             label = r["method"]
-            if label.startswith("recipe"):
-                label = "kvarn calibrated " + label.split("recipe-")[-1].replace(".safetensors)", " b").replace(
-                    "recipe (smollm2-135m-instruct.safetensors)", "3 b (shipped)")
+            if label == "recipe (smollm2-135m-instruct.safetensors)":
+                label = "kvarn calibrated 3 b (shipped)"
+            elif label.startswith("recipe"):
+                label = "kvarn calibrated " + label.split("recipe-")[-1].replace(".safetensors)", " b")
             ax.annotate(label, (r["bits_per_element"], r["delta_ppl_pct"]),
                         fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel("stored bits per K/V element (scales and unquantized layers included)")
