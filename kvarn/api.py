@@ -10,6 +10,7 @@ import datetime
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,6 +297,50 @@ def recipe_labels(paths: list) -> list[str]:
     return labels
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+_LOGIT_CHUNK = 1024  # positions per lm-head chunk: [chunk, vocab] float32 temporaries, not [T, vocab]
+
+
+def _window_metrics(model, ids: torch.Tensor, targets: torch.Tensor, base: list | None):
+    """Mean NLL, mean KL(base ‖ model) and top-1 agreement with ``base`` over one window ``ids [T]``.
+
+    The lm head and the log-softmax run on chunks of ``_LOGIT_CHUNK`` positions of the final hidden
+    states (a causal LM's logits at one position depend only on its hidden state), so no ``[T, vocab]``
+    tensor but the reference's own log-probabilities (``base``: the fp16 pass's, a list of chunks,
+    returned as the 4th value when ``base`` is None) is ever held. Models without a separable
+    decoder and head fall back to the full logits.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    n = len(targets)
+    if decoder is not None and head is not None:
+        hidden = decoder(input_ids=ids[None]).last_hidden_state[0, :n]
+        logits_of = lambda a, b: head(hidden[a:b]).float()  # noqa: E731
+    else:
+        logits = model(ids[None]).logits[0, :n]
+        logits_of = lambda a, b: logits[a:b].float()  # noqa: E731
+    nll = kl = top1 = 0.0
+    chunks = []
+    for i, a in enumerate(range(0, n, _LOGIT_CHUNK)):
+        b = min(a + _LOGIT_CHUNK, n)
+        z = logits_of(a, b)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        logp = torch.log_softmax(z, dim=-1)
+        ref = logp if base is None else base[i]
+        nll += float(-logp.gather(-1, targets[a:b, None]).sum())
+        kl += float((ref.exp() * (ref - logp)).sum())
+        top1 += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        if base is None:
+            chunks.append(logp)
+    mean = lambda x: torch.tensor(x / n, dtype=torch.float64)  # noqa: E731
+    return mean(nll), mean(kl), mean(top1), chunks
+
+
 def _se(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
@@ -367,23 +412,22 @@ def evaluate(
     logger.info("kvarn: evaluating %d methods on %d windows x %d tokens of %s, drawn under seed %s", len(schemes),
                 num_windows, seq_len, desc, seed)
     per = {name: {"nll": [], "kl": [], "top1": [], "sec": 0.0} for name in schemes}
+    softcap = getattr(_text_config(lm.model.config), "attn_logit_softcapping", None)
     bar = tqdm(total=len(windows) * len(schemes), desc="evaluating", unit="pass", disable=not progress)
     with torch.no_grad():
         for w in windows:
             w = w.to(lm.model.device)
-            ids = w[None]
             targets = w[1:]
             base = None
             for name, scheme in schemes.items():
                 ts = time.time()
-                with attached(lm.model, SchemeAttention(scheme)):
-                    logp = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), dim=-1)
+                with attached(lm.model, SchemeAttention(scheme, softcap=softcap)):
+                    nll, kl, top1, logp = _window_metrics(lm.model, w, targets, base)
                 if base is None:
                     base = logp
-                nll = -logp.gather(-1, targets[:, None])[:, 0]
-                per[name]["nll"].append(nll.mean())
-                per[name]["kl"].append((base.exp() * (base - logp)).sum(-1).mean())
-                per[name]["top1"].append((base.argmax(-1) == logp.argmax(-1)).float().mean())
+                per[name]["nll"].append(nll)
+                per[name]["kl"].append(kl)
+                per[name]["top1"].append(top1)
                 per[name]["sec"] += time.time() - ts
                 bar.update(1)
     bar.close()
@@ -406,6 +450,128 @@ def evaluate(
         ))
     report.seconds = time.time() - t0
     return report
+
+
+@dataclass
+class PasskeyResult:
+    method: str
+    bits_per_element: float
+    context: int
+    trials: int
+    correct: int
+    accuracy: float
+    accuracy_se: float
+    by_depth: dict
+    seconds: float
+
+
+@dataclass
+class PasskeyReport:
+    model_id: str
+    text: str
+    contexts: list
+    trials: int
+    depths: list
+    recipe: str | None
+    chat_template: bool
+    mean_prompt_tokens: dict
+    results: list[PasskeyResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PASSKEY_METHODS = ("kvarn-k4v2-g128", "turboquant-k3v4-nc", "fp8-e4m3")
+
+
+def evaluate_passkey(
+    model: str | None = None, recipe: str | os.PathLike | list | None = None, text: str = DEFAULT_TEXT,
+    contexts: list[int] | None = None, trials: int = 10, methods: list[str] | None = None, seed: int = 0,
+    progress: bool = True, loaded=None,
+) -> PasskeyReport:
+    """Passkey retrieval accuracy per method and context (``kvarn.passkey``): ``trials`` prompts per
+    context, the needle's depth cycling through ``kvarn.passkey.DEPTHS``, the same prompts for every
+    method; fp16's own accuracy is the ceiling. ± is the binomial standard error."""
+    from tqdm.auto import tqdm
+
+    from . import passkey as pk
+    from .data import load_text
+    from .models import load_config, load_model
+    from .quant.scheme import PRESETS, preset_scheme
+
+    t0 = time.time()
+    contexts = [2048, 4096, 8192] if contexts is None else list(contexts)
+    if not contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 256 for c in contexts):
+        raise KvarnError(f"--contexts {','.join(map(str, contexts))}: must be integers >= 256 (tokens per prompt), e.g. --contexts 2048,4096")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise KvarnError(f"--trials {trials!r}: must be an integer >= 1; pass a positive integer")
+    recipe_paths = [] if recipe is None else [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe)
+    recipes = [(path, Recipe.load(path)) for path in recipe_paths]
+    names = list(methods) if methods is not None else list(PASSKEY_METHODS)
+    for name in names:
+        if name not in PRESETS:
+            raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
+    config = loaded.model.config if loaded is not None else load_config(model)
+    L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
+    for path, r in recipes:
+        r.check_model(config, path)
+    for c in contexts:
+        preflight.check_window(config, c + pk.MAX_NEW_TOKENS, f"--contexts {c}", backward=False,
+                               weights_loaded=loaded is not None, device=None if loaded is None else loaded.model.device)
+    body, desc = load_text(text)
+    lm = loaded or load_model(model)
+    sentences = pk.filler_sentences(body)
+    if len(sentences) < 50:
+        raise KvarnError(f"--text {text}: only {len(sentences)} short sentences to use as filler; pass a longer text")
+    builder = pk.PromptBuilder(lm.tokenizer, sentences)
+    schemes = {"fp16": None}
+    for path, r in recipes:
+        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
+    for name in names:
+        schemes[name] = preset_scheme(name, L, H, D)
+    softcap = getattr(_text_config(lm.model.config), "attn_logit_softcapping", None)
+    rng = random.Random(seed)
+    prompts = {c: [builder.build(c, pk.DEPTHS[i % len(pk.DEPTHS)], rng) for i in range(trials)] for c in contexts}
+    report = PasskeyReport(lm.model_id, f"{text} ({desc})", contexts, trials, list(pk.DEPTHS),
+                           ", ".join(str(p) for p in recipe_paths) or None, builder.chat,
+                           {c: sum(len(p.ids) for p in ps) / len(ps) for c, ps in prompts.items()})
+    bar = tqdm(total=len(contexts) * trials * len(schemes), desc="passkey", unit="prompt", disable=not progress)
+    for c in contexts:
+        for name, scheme in schemes.items():
+            ts = time.time()
+            hits, depth_hits = [], {}
+            for p in prompts[c]:
+                tokens = pk.generate_greedy(lm.model, p.ids, pk.IncrementalSchemeAttention(scheme, softcap))
+                ok = pk.answer_of(lm.tokenizer, tokens) == p.key
+                hits.append(ok)
+                depth_hits.setdefault(p.depth, []).append(ok)
+                bar.update(1)
+            n, k = len(hits), sum(hits)
+            acc = k / n
+            report.results.append(PasskeyResult(
+                method=name, bits_per_element=16.0 if scheme is None else scheme.bits_per_element(), context=c,
+                trials=n, correct=k, accuracy=acc, accuracy_se=math.sqrt(acc * (1 - acc) / n),
+                by_depth={d: sum(v) / len(v) for d, v in sorted(depth_hits.items())}, seconds=time.time() - ts))
+    bar.close()
+    report.seconds = time.time() - t0
+    return report
+
+
+def format_passkey_table(report: PasskeyReport) -> str:
+    head = (f"{report.model_id}: passkey retrieval, {report.trials} trials per context, filler from {report.text}"
+            f"{', chat template' if report.chat_template else ''}")
+    cols = f"{'method':<42} {'bits/el':>7} " + " ".join(f"{f'ctx {c}':>15}" for c in report.contexts)
+    lines = [head, cols, "-" * len(cols)]
+    by = {}
+    for r in report.results:
+        by.setdefault((r.method, r.bits_per_element), {})[r.context] = r
+    for (m, bits), rs in by.items():
+        cells = " ".join(f"{100 * rs[c].accuracy:>6.1f} ± {100 * rs[c].accuracy_se:>5.1f}" for c in report.contexts)
+        lines.append(f"{m:<42} {bits:>7.3f} {cells}")
+    lines.append(f"(accuracy %, ± = binomial standard error; depths {report.depths} cycled; mean prompt tokens "
+                 + ", ".join(f"{c}: {t:.0f}" for c, t in report.mean_prompt_tokens.items()) + ")")
+    return "\n".join(lines)
 
 
 def format_eval_table(report: EvalReport) -> str:

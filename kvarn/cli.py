@@ -163,6 +163,8 @@ def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compres
 Examples:
   kvarn eval --recipe kvarn_recipe.safetensors
   kvarn eval ./my-model --recipe ./my-model/kvarn/recipe.safetensors --text heldout.txt --json
+  kvarn eval --seq-len 4096 --methods kvarn-k4v2-g128,turboquant-k3v4-nc
+  kvarn eval --task passkey --contexts 2048,4096,8192 --trials 20
 """)
 @click.argument("model", required=False)
 @click.option("--recipe", multiple=True, metavar="PATH", help="Recipe to evaluate; repeat to compare several. [default: the model's own recipe — MODEL/kvarn/recipe.safetensors, or recipes/ for the embedded model]")
@@ -172,11 +174,15 @@ Examples:
 @click.option("--num-windows", type=int, default=8, help="Windows of held-out text.")
 @click.option("--seq-len", type=int, default=1024, help="Tokens per window; more than 2 tiles, so that a quantized tile is read.")
 @click.option("--seed", type=int, default=0, help="Which windows of the text: drawn at random under this seed.")
-@click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3]")
+@click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3; for passkey kvarn-k4v2-g128,turboquant-k3v4-nc,fp8-e4m3]")
+@click.option("--task", type=click.Choice(["ppl", "passkey"]), default="ppl",
+              help="ppl: perplexity, KL and top-1 on --text windows; passkey: retrieval of a 5-digit key hidden in filler from --text.")
+@click.option("--contexts", default="2048,4096,8192", metavar="N,N,...", help="passkey: prompt lengths in tokens.")
+@click.option("--trials", type=int, default=10, help="passkey: prompts per context (the key's depth cycles 10-90%).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (strict: null for a number that is not finite).")
 @_model_options
-def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, seed, methods, as_json, device, dtype,
-             revision, trust_remote_code, verbose, quiet):
+def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, seed, methods, task, contexts, trials,
+             as_json, device, dtype, revision, trust_remote_code, verbose, quiet):
     """Perplexity, KL to fp16 and top-1 agreement per cache method on held-out text."""
 
     def go():
@@ -193,9 +199,18 @@ def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, 
                 raise KvarnError(f"no recipe for {model or 'the embedded model'}: pass --recipe PATH, make one with "
                                  f"`kvarn calibrate {model or ''}`".rstrip() + ", or use --no-recipe for baselines only")
             recipes = [found]
+        names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        if task == "passkey":
+            try:
+                ctx = [int(c) for c in contexts.split(",") if c.strip()]
+            except ValueError:
+                raise KvarnError(f"--contexts {printable(contexts, 60)}: must be comma-separated integers, e.g. --contexts 2048,4096") from None
+            rep = api.evaluate_passkey(model, recipe=recipes or None, text=text, contexts=ctx, trials=trials,
+                                       methods=names, progress=show and not as_json)
+            _emit(rep.to_dict(), as_json, api.format_passkey_table(rep))
+            return
         rep = api.evaluate(model, recipe=recipes or None, text=text, num_windows=num_windows, seq_len=seq_len,
-                           methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-                           progress=show and not as_json, device=device, dtype=dtype, revision=revision,
+                           methods=names, progress=show and not as_json, device=device, dtype=dtype, revision=revision,
                            trust_remote_code=trust_remote_code, text_column=text_column, seed=seed)
         _emit(rep.to_dict(), as_json, api.format_eval_table(rep))
 

@@ -183,5 +183,5 @@ def test_accuracy_plot_replots_from_its_json(tmp_path):
     rows = json.loads((bench / "results" / "accuracy.json").read_text())["results"]
     rows = rows + [{**rows[-1], "method": "some-new-method", "delta_ppl_pct_se": None, "bits_per_element": 3.1}]
     out = tmp_path / "acc.png"
-    plot(rows, out)
+    plot([(1024, 8, rows), (4096, 2, rows[:4])], out)  # one row of axes per window length
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

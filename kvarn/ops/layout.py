@@ -38,8 +38,8 @@ NO_FIELD = -1
 def check_storable(fmt: LayerFormat, where: str) -> None:
     """Raise a one-line KvarnError unless every head of ``fmt`` has a stored form."""
     for kind, tf in (("K", fmt.k), ("V", fmt.v)):
-        if tf.codec == "rtn-sym" and any(b != FP16_BITS for b in tf.bits):
-            raise KvarnError(f"{where}: {kind} codec 'rtn-sym' is an evaluation baseline with no stored form; "
+        if tf.codec in ("rtn-sym", "lloyd-max", "rtn-tq") and any(b != FP16_BITS for b in tf.bits):
+            raise KvarnError(f"{where}: {kind} codec {tf.codec!r} is an evaluation baseline with no stored form; "
                              "use a kvarn recipe or preset (codec 'rtn')")
 
 

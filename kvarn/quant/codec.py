@@ -16,7 +16,7 @@ from .formats import FP16_BITS, TensorFormat
 from .hadamard import rotate
 from .normalize import variance_normalize
 from .pack import pack_bits, unpack_bits
-from .rtn import dequantize_rtn, fake_quantize_symmetric, quantize_rtn
+from .rtn import dequantize_rtn, fake_quantize_rtn, fake_quantize_symmetric, quantize_rtn
 
 NORMALIZE_ITERS = 8
 
@@ -110,11 +110,36 @@ def decode_tiles(
     return rotate(x) if fmt.hadamard else x
 
 
+# Tiles are fake-quantized in chunks of about this many elements (1 MiB of float32), so that the
+# clip search and the normalization (~100 passes each) work in cache; measured 2-3x faster at 4k.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _fake_quantize_rotated(x, fmt: TensorFormat, bits: int, log_std, iters) -> torch.Tensor:
+    """Normalize, RTN round trip and un-normalize of rotated tiles ``x [..., G, D]`` (float32)."""
+    d = x.shape[-1]
+    mult = None
+    if fmt.normalize == "tile":
+        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
+        log_r, log_c = variance_normalize(x, iters, prior)
+        stored = log_r if fmt.axis == "channel" else log_c
+        mult = torch.exp(stored).clamp(6.2e-5, 65504.0).half().float()
+    elif fmt.normalize == "static":
+        mult = _static_scale(log_std, d, x.device)
+    y = fake_quantize_rtn(x if mult is None else x / mult, bits, _group_dim(fmt), fmt.clip)
+    return y if mult is None else y.mul_(mult)
+
+
 def fake_quantize_tiles(
     x: torch.Tensor, fmt: TensorFormat, bits: int, log_std: torch.Tensor | None = None,
     iters: int = NORMALIZE_ITERS,
 ) -> torch.Tensor:
-    """``decode(encode(x))`` without packing: float32 ``[..., G, D]``."""
+    """``decode(encode(x))`` without packing: float32 ``[..., G, D]``.
+
+    Tiles are independent, so they are processed a few at a time along dim -3 when ``log_std``
+    (``[..., D]`` against x's ``[..., G, D]``) broadcasts over it, as per-head priors ``[1, H, 1, D]``
+    do; the result is the same as one call over all of them.
+    """
     x = x.float()
     if bits == FP16_BITS:
         return x.half().float()
@@ -122,11 +147,24 @@ def fake_quantize_tiles(
         return x.to(torch.float8_e4m3fn).float()
     if fmt.codec == "rtn-sym":
         return fake_quantize_symmetric(x, bits, _group_dim(fmt))
-    x, mult = _rotate_and_normalize(x, fmt, log_std, iters)
-    x = dequantize_rtn(*quantize_rtn(x, bits, dim=_group_dim(fmt), clip=fmt.clip))
-    if mult is not None:
-        x = x * mult
-    return rotate(x) if fmt.hadamard else x
+    if fmt.codec in ("lloyd-max", "rtn-tq"):
+        from . import turboquant
+
+        if fmt.axis != "token":
+            raise ValueError(f"codec {fmt.codec!r} quantizes tokens: it needs axis='token'")
+        return (turboquant.fake_quantize_keys if fmt.codec == "lloyd-max" else turboquant.fake_quantize_values)(x, bits)
+    if fmt.hadamard:
+        x = rotate(x)
+    if x.dim() < 3 or (
+            log_std is not None and log_std.dim() >= 2 and log_std.shape[-2] != 1):
+        out = _fake_quantize_rotated(x, fmt, bits, log_std, iters)
+    else:
+        n = x.shape[-3]
+        step = max(1, _CHUNK_ELEMENTS // x[..., 0, :, :].numel())
+        out = torch.empty_like(x)
+        for i in range(0, n, step):
+            out[..., i:i + step, :, :] = _fake_quantize_rotated(x[..., i:i + step, :, :], fmt, bits, log_std, iters)
+    return rotate(out) if fmt.hadamard else out
 
 
 def quantized_span(seq_len: int, tile: int, keep_first_tile: bool) -> tuple[int, int]:
@@ -155,14 +193,18 @@ def fake_quantize_sequence(
         return out
     g = 1 if tile == 1 else tile
     seg = x[:, :, start:end].float().reshape(b, h, (end - start) // g, g, d)
-    bits = torch.tensor(fmt.bits)
     if log_std is not None:
         log_std = log_std.to(x.device)
-    for bw in sorted(set(fmt.bits)):
-        heads = torch.nonzero(bits == bw).flatten().tolist()
-        prior = None if log_std is None else log_std[heads][None, :, None, :]
-        if tile == 1 and fmt.axis == "channel":
-            raise ValueError("per-channel groups need tiles of more than one token")
-        q = fake_quantize_tiles(seg[:, heads], fmt, bw, prior, iters)
-        out[:, heads, start:end] = q.reshape(b, len(heads), end - start, d)
+    if tile == 1 and fmt.axis == "channel":
+        raise ValueError("per-channel groups need tiles of more than one token")
+    h0 = 0
+    while h0 < h:  # runs of consecutive heads with one width: slices, not gathered copies
+        bw = fmt.bits[h0]
+        h1 = h0 + 1
+        while h1 < h and fmt.bits[h1] == bw:
+            h1 += 1
+        prior = None if log_std is None else log_std[h0:h1][None, :, None, :]
+        q = fake_quantize_tiles(seg[:, h0:h1], fmt, bw, prior, iters)
+        out[:, h0:h1, start:end] = q.reshape(b, h1 - h0, end - start, d)
+        h0 = h1
     return out

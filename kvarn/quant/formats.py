@@ -12,6 +12,10 @@ A layer's cache is described by a ``LayerFormat``: tile size G, head_dim D and o
   scale instead, which costs nothing per token. ``"none"``: no normalization.
 * ``codec="fp8"``: float8 e4m3 cast, no scales; ``codec="rtn-sym"``: symmetric absmax RTN with
   one fp16 scale per group (both baselines only: no encoder/packer for them).
+* vLLM's TurboQuant (``kvarn.quant.turboquant``, baselines only, ``axis="token"``, tile 1):
+  ``codec="lloyd-max"`` keys — Hadamard-rotated unit vector, per-coordinate Lloyd-Max codes and
+  one fp16 norm per token; ``codec="rtn-tq"`` values — per-token min/max codes with an fp16
+  scale and zero (kvarn's per-token RTN layout, vLLM's rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ ALL_BITS = SUPPORTED_BITS + (FP16_BITS,)
 SUPPORTED_TILES = (64, 128)
 AXES = ("channel", "token")
 NORMALIZE = ("none", "tile", "static")
-CODECS = ("rtn", "rtn-sym", "fp8")
+CODECS = ("rtn", "rtn-sym", "fp8", "lloyd-max", "rtn-tq")
 _FP16_BYTES = 2
 # The range of a calibrated per-channel log-std prior: the std of fp16 activations the runtime can
 # divide by, from fp16's smallest normal to its largest finite number (the per-tile normalization
@@ -94,7 +98,7 @@ def head_tile_bytes(fmt: TensorFormat, bits: int, tile: int, head_dim: int) -> i
     if (g * d * bits) % 8 or (d * bits) % 8:
         raise KvarnError(f"{bits}-bit codes of head_dim {d} do not fill whole bytes per token")
     codes = g * d * bits // 8
-    n_params = 1 if fmt.codec == "rtn-sym" else 2
+    n_params = 1 if fmt.codec in ("rtn-sym", "lloyd-max") else 2  # lloyd-max: the norm
     if fmt.axis == "channel":
         params = d * n_params * _FP16_BYTES
         norm = g * _FP16_BYTES if fmt.normalize == "tile" else 0

@@ -34,6 +34,35 @@ def _codes(x, scale, zero, bits):
     return torch.round((x - zero) / scale).clamp_(0, 2**bits - 1)
 
 
+def _search_params(x: torch.Tensor, bits: int, dim: int, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (scale, zero) of the groups of ``x`` (float32) reduced along ``dim``: min/max, or with
+    ``clip`` the lowest-squared-error range among ``CLIP_RATIOS``. The search reuses one scratch
+    tensor in place (a fresh full-size temporary per step costs more than the arithmetic on CPU);
+    the operations and their order are those of the formula in the module docstring."""
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale, zero = _params(lo, hi, bits)
+    if not clip:
+        return scale, zero
+    levels = 2**bits - 1
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    buf = torch.empty_like(x)
+    best_err = None
+    for ratio in CLIP_RATIOS:
+        s, z = _params(mid - half * ratio, mid + half * ratio, bits)
+        # ((round((x - z) / s).clamp(0, levels) * s + z - x) ** 2).sum(dim)
+        torch.sub(x, z, out=buf).div_(s).round_().clamp_(0, levels).mul_(s).add_(z).sub_(x)
+        err = buf.mul_(buf).sum(dim=dim, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
 def quantize_rtn(
     x: torch.Tensor, bits: int, dim: int, clip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,22 +74,7 @@ def quantize_rtn(
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits has to be one of {list(SUPPORTED_BITS)} but got {bits}")
     x = x.float()
-    lo = x.amin(dim=dim, keepdim=True)
-    hi = x.amax(dim=dim, keepdim=True)
-    scale, zero = _params(lo, hi, bits)
-    if clip:
-        mid, half = (hi + lo) / 2, (hi - lo) / 2
-        best_err = None
-        for ratio in CLIP_RATIOS:
-            s, z = _params(mid - half * ratio, mid + half * ratio, bits)
-            err = ((_codes(x, s, z, bits) * s + z - x) ** 2).sum(dim=dim, keepdim=True)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, s, scale)
-            zero = torch.where(better, z, zero)
+    scale, zero = _search_params(x, bits, dim, clip)
     return _codes(x, scale, zero, bits).to(torch.uint8), scale, zero
 
 
@@ -70,8 +84,13 @@ def dequantize_rtn(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
 
 
 def fake_quantize_rtn(x: torch.Tensor, bits: int, dim: int, clip: bool = False) -> torch.Tensor:
-    """``dequantize_rtn(*quantize_rtn(x, ...))`` — what a reader of the stored codes sees."""
-    return dequantize_rtn(*quantize_rtn(x, bits, dim, clip))
+    """``dequantize_rtn(*quantize_rtn(x, ...))`` — what a reader of the stored codes sees (computed
+    without the uint8 round trip: the codes are small integers, exact in float32)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits has to be one of {list(SUPPORTED_BITS)} but got {bits}")
+    x = x.float()
+    scale, zero = _search_params(x, bits, dim, clip)
+    return torch.sub(x, zero).div_(scale).round_().clamp_(0, 2**bits - 1).mul_(scale).add_(zero)
 
 
 def fake_quantize_symmetric(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

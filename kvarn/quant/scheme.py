@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import mixed_attention, quantized_read_mask
+from .attention import tiled_attention
 from .codec import NORMALIZE_ITERS, fake_quantize_sequence
-from .formats import LayerFormat, TensorFormat, bits_per_element, fp16_tokens_per_sequence
+from .formats import FP16_BITS, LayerFormat, TensorFormat, bits_per_element, fp16_tokens_per_sequence
+from .turboquant import PRESETS as TURBOQUANT_PRESETS
+from .turboquant import boundary_layers
 
 
 @dataclass
@@ -57,7 +59,7 @@ def uniform_scheme(
 
 
 PRESETS = ("kvarn-k4v2-g128", "kvarn-k4v4-g128", "kvarn-k2v2-g128", "kvarn-k4v2-g128-nosink",
-           "int4-per-token-head", "kivi-2", "fp8-e4m3")
+           "int4-per-token-head", "kivi-2", "fp8-e4m3", *TURBOQUANT_PRESETS)
 
 
 def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) -> CacheScheme:
@@ -68,6 +70,9 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     int4-per-token-head: per token and head symmetric int4 (fp16 absmax scale), quantized on write (vLLM's int4_per_token_head).
     kivi-2: KIVI, 2-bit keys per channel / values per token, group 128, fp16 residual 128, no
     rotation. fp8-e4m3: cast on write with unit scale (vLLM's fp8 cache default).
+    turboquant-*: vLLM 0.26's TurboQuant dtypes (``kvarn.quant.turboquant``): quantized on write,
+    Lloyd-Max keys with norm correction (or fp8 keys for k8v4), min/max values, and the first and
+    last two layers left at 16 bits as vLLM leaves them.
     """
     n, h, d = num_layers, num_kv_heads, head_dim
     m = re.fullmatch(r"kvarn-k([2348])v([2348])-g128(-nosink)?", name)
@@ -84,27 +89,46 @@ def preset_scheme(name: str, num_layers: int, num_kv_heads: int, head_dim: int) 
     if name == "fp8-e4m3":
         f = TensorFormat((8,), "token", "none", hadamard=False, codec="fp8")
         return uniform_scheme(name, n, h, d, 1, f, f, False)
+    if name in TURBOQUANT_PRESETS:
+        kb, vb = TURBOQUANT_PRESETS[name]
+        kf = (TensorFormat((8,) * h, "token", "none", hadamard=False, codec="fp8") if kb == 8 else
+              TensorFormat((kb,) * h, "token", "none", hadamard=True, codec="lloyd-max"))
+        vf = TensorFormat((vb,) * h, "token", "none", hadamard=False, codec="rtn-tq")
+        skip = set(boundary_layers(n))
+        exact = TensorFormat((FP16_BITS,) * h, "token", "none", hadamard=False)
+        layers = [LayerFormat(d, 1, exact, exact) if i in skip else LayerFormat(d, 1, kf, vf) for i in range(n)]
+        return CacheScheme(name, layers, False)
     raise ValueError(f"unknown preset {name!r}; valid presets are {list(PRESETS)}")
 
 
 class SchemeAttention:
-    """Handler: attention that reads completed tiles as ``scheme`` stores them (fp16 if None)."""
+    """Handler: attention that reads completed tiles as ``scheme`` stores them (fp16 if None).
 
-    def __init__(self, scheme: CacheScheme | None):
+    ``softcap``: the model's ``attn_logit_softcapping`` (Gemma-2: scores capped by
+    ``softcap * tanh(s / softcap)`` before the mask), or None. The reading rule is
+    ``tiled_attention``'s; ``kvarn.quant.reference.scheme_attention_ref`` is the earlier whole-sequence
+    implementation it is tested against.
+    """
+
+    def __init__(self, scheme: CacheScheme | None, softcap: float | None = None):
         self.scheme = scheme
+        self.softcap = softcap
 
-    def attend(self, layer_idx, q, k, v, bias, scaling):
-        # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
-        k16, v16 = k.float().half().float(), v.float().half().float()
+    def quantized_kv(self, layer_idx, k16, v16):
+        """``(k_hat, v_hat)`` of one layer's fp16-rounded ``[B, H, T, D]`` K/V as the scheme stores them."""
         s = self.scheme
-        if s is None:
-            return mixed_attention(q, k16, v16, None, None, None, bias, scaling)
         fmt = s.layers[layer_idx]
         kp = None if s.k_log_std is None else s.k_log_std[layer_idx]
         vp = None if s.v_log_std is None else s.v_log_std[layer_idx]
-        k_hat = fake_quantize_sequence(k16, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters)
-        v_hat = fake_quantize_sequence(v16, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters)
-        t = k.shape[-2]
-        pos = torch.arange(t, device=k.device)
-        mask = quantized_read_mask(pos[t - q.shape[-2]:], pos, fmt.tile, s.keep_first_tile)
-        return mixed_attention(q, k16, v16, k_hat, v_hat, mask, bias, scaling)
+        return (fake_quantize_sequence(k16, fmt.k, fmt.tile, s.keep_first_tile, kp, s.iters),
+                fake_quantize_sequence(v16, fmt.v, fmt.tile, s.keep_first_tile, vp, s.iters))
+
+    def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
+        # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
+        k16, v16 = k.float().half().float(), v.float().half().float()
+        cap = softcap if softcap is not None else self.softcap
+        s = self.scheme
+        if s is None:
+            return tiled_attention(q, k16, v16, None, None, 1, False, bias, scaling, cap)
+        k_hat, v_hat = self.quantized_kv(layer_idx, k16, v16)
+        return tiled_attention(q, k16, v16, k_hat, v_hat, s.layers[layer_idx].tile, s.keep_first_tile, bias, scaling, cap)
