@@ -22,7 +22,7 @@ from .errors import KvarnError, printable
 from .outputs import check_output, is_png
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
-from .report import provenance
+from .report import provenance, strict
 
 logger = logging.getLogger(__name__)
 
@@ -274,8 +274,6 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-ready: a value that is not a finite number (a standard error over one window) is None."""
-        from .report import strict
-
         return strict(asdict(self))
 
 
@@ -477,9 +475,10 @@ class PasskeyReport:
     mean_prompt_tokens: dict
     results: list[PasskeyResult] = field(default_factory=list)
     seconds: float = 0.0
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return strict(asdict(self))
 
 
 PASSKEY_METHODS = ("kvarn-k4v2-g128", "turboquant-k3v4-nc", "fp8-e4m3")
@@ -526,8 +525,8 @@ def evaluate_passkey(
         raise KvarnError(f"--text {text}: only {len(sentences)} short sentences to use as filler; pass a longer text")
     builder = pk.PromptBuilder(lm.tokenizer, sentences)
     schemes = {"fp16": None}
-    for path, r in recipes:
-        schemes[f"recipe ({Path(path).name})"] = r.to_scheme("recipe")
+    for label, (path, r) in zip(recipe_labels([p for p, _ in recipes]), recipes):
+        schemes[label] = r.to_scheme("recipe")
     for name in names:
         schemes[name] = preset_scheme(name, L, H, D)
     softcap = getattr(_text_config(lm.model.config), "attn_logit_softcapping", None)
@@ -535,7 +534,8 @@ def evaluate_passkey(
     prompts = {c: [builder.build(c, pk.DEPTHS[i % len(pk.DEPTHS)], rng) for i in range(trials)] for c in contexts}
     report = PasskeyReport(lm.model_id, f"{text} ({desc})", contexts, trials, list(pk.DEPTHS),
                            ", ".join(str(p) for p in recipe_paths) or None, builder.chat,
-                           {c: sum(len(p.ids) for p in ps) / len(ps) for c, ps in prompts.items()})
+                           {c: sum(len(p.ids) for p in ps) / len(ps) for c, ps in prompts.items()},
+                           provenance=provenance(seed, model=lm.model_id))
     bar = tqdm(total=len(contexts) * trials * len(schemes), desc="passkey", unit="prompt", disable=not progress)
     for c in contexts:
         for name, scheme in schemes.items():

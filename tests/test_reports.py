@@ -185,3 +185,16 @@ def test_accuracy_plot_replots_from_its_json(tmp_path):
     out = tmp_path / "acc.png"
     plot([(1024, 8, rows), (4096, 2, rows[:4])], out)  # one row of axes per window length
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_passkey_report_is_strict_with_provenance():
+    """The passkey report's JSON has provenance and no NaN (a rate's standard error over one trial)."""
+    from kvarn.api import PasskeyReport, PasskeyResult
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(PasskeyResult)}
+    res = {name: (float("nan") if "se" in name else 0) for name in fields}
+    rep = PasskeyReport("m", "t", [2048], 1, [0.5], None, True, {2048: 2000.0}, [PasskeyResult(**res)],
+                        provenance={"kvarn": "x", "seed": 0})
+    text = json.dumps(rep.to_dict(), allow_nan=False)
+    assert '"provenance"' in text and "NaN" not in text
