@@ -191,13 +191,13 @@ def test_decode_rows_take_the_batched_path(monkeypatch):
     import kvarn.runtime.paged as paged
 
     general_rows = []
-    real = paged._attend_general
+    real = paged._stage
 
     def spy(layout, keep, pages, staging, steps, *args):
         general_rows.extend(st.q_end - st.q_start for st in steps if not st.dummy)
         return real(layout, keep, pages, staging, steps, *args)
 
-    monkeypatch.setattr(paged, "_attend_general", spy)
+    monkeypatch.setattr(paged, "_stage", spy)  # the per-sequence path starts here
     torch.manual_seed(3)
     d = 64
     src = CacheSource("t", (_format(d),), True, torch.randn(1, H, d) * 0.2, torch.randn(1, H, d) * 0.2)
