@@ -334,10 +334,10 @@ def test_bad_model_or_block_size_fail_before_allocation(model_dir, recipe_path, 
     msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn", block_size=64,
                                                additional_config={"kvarn_recipe": recipe_path}).create_engine_config())
     assert "--block-size 64" in msg and "128" in msg
-    odd = _fake_model(tmp_path, model_dir, "hd80", head_dim=80, hidden_size=720)
+    odd = _fake_model(tmp_path, model_dir, "hd72", head_dim=72, hidden_size=648)  # 80 and 96 are supported
     msg = _one_line_error(lambda: _engine_args(odd, kv_cache_dtype="kvarn",
                                                additional_config={"kvarn_recipe": "kvarn-k4v2-g128"}).create_engine_config())
-    assert "head_dim" in msg and "80" in msg
+    assert "head_dim" in msg and "72" in msg
 
 
 def test_unsupported_vllm_version_fails_with_a_clear_message(model_dir, monkeypatch):
