@@ -293,7 +293,7 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
                        i64(store_index), i32(store_blocks), tuple(dec))
 
 
-def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out) -> None:
+def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None) -> None:
     """Decode rows with no Python per sequence: write the token to staging, encode tiles it
     completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op)."""
     rows = batch.rows
@@ -304,14 +304,14 @@ def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k,
         done = slots[batch.store_index]
         store_tiles(layout, pages, staging[done, 0], staging[done, 1], batch.store_blocks)
     o = decode(layout, pages, staging, q[rows], batch.block_table, batch.page_start, batch.q_tile, batch.first_slot,
-               batch.cur_slot, batch.cur_len, scale)
+               batch.cur_slot, batch.cur_len, scale, softcap)
     out[rows] = o.to(out.dtype)
 
 
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    out: torch.Tensor, batch: DecodeBatch | None = None,
+    out: torch.Tensor, batch: DecodeBatch | None = None, softcap: float | None = None,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -320,18 +320,19 @@ def attend_layer(
 
     Single-token decode rows take ``_attend_decode`` (``batch``: their ``decode_batch``, built here
     when the caller has none); the other rows (prefill chunks, placeholders) ``_attend_general``.
+    ``softcap``: the model's attention-logit cap (Gemma-2), applied to every score; None: none.
     """
     if batch is None:
         batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
     if batch is not None:
-        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out)
+        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
-        _attend_general(layout, keep_first_tile, pages, staging, steps, q, k, v, scale, out)
+        _attend_general(layout, keep_first_tile, pages, staging, steps, q, k, v, scale, out, softcap)
 
 
 def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], q, k, v,
-                    scale: float, out) -> None:
+                    scale: float, out, softcap: float | None = None) -> None:
     """Any rows (per sequence in Python: prefill chunks are few per step).
 
     Three ops: ``store_tiles`` encodes every tile completed in this step (all sequences, one call);
@@ -386,7 +387,8 @@ def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, s
         rows = torch.cat([torch.arange(st.q_start, st.q_end) for _, st in live]).to(dev)
         o_q, lse_q = paged_attention(layout, pages, q[rows], torch.tensor(q_seq, device=dev),
                                      torch.tensor(q_tile, dtype=torch.int32, device=dev),
-                                     torch.tensor(page_start, dtype=torch.int32, device=dev), table.to(dev), scale)
+                                     torch.tensor(page_start, dtype=torch.int32, device=dev), table.to(dev), scale,
+                                     softcap)
     at = 0
     for i, st in enumerate(steps):  # the fp16 part, merged with the quantized part
         rows = slice(st.q_start, st.q_end)
@@ -394,7 +396,7 @@ def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, s
         span_k, span_v = spans[i]
         if st.dummy:
             pos = torch.arange(n_q, device=dev)
-            o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None])
+            o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None], softcap)
             out[rows] = o.to(out.dtype)
             continue
         t_c = st.ctx // g
@@ -408,7 +410,7 @@ def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, s
         q_pos = torch.arange(st.ctx, st.seq, device=dev)
         own = (k_pos[None, :] // g == q_pos[:, None] // g) & (k_pos[None, :] <= q_pos[:, None])
         first = (k_pos[None, :] < g) & (q_pos[:, None] >= g) if first_fp16 else torch.zeros_like(own)
-        o16, lse16 = partial_attention(q[rows], keys, vals, scale, own | first)
+        o16, lse16 = partial_attention(q[rows], keys, vals, scale, own | first, softcap)
         o, _ = merge(o_q[at:at + n_q], lse_q[at:at + n_q], o16, lse16)
         at += n_q
         out[rows] = o.to(out.dtype)
