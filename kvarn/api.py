@@ -109,7 +109,6 @@ def calibrate(
     from .data import resolve_calib, spec_hash, load_text, make_windows
     from .models import load_config, load_model
     from .quant.formats import SUPPORTED_TILES, TensorFormat
-    from .quant.hadamard import check_head_dim
     from .stats import compute_stats
 
     t0 = time.time()
@@ -130,7 +129,7 @@ def calibrate(
     config = loaded.model.config if loaded is not None else load_config(model)
     name = loaded.model_id if loaded is not None else (model or "the embedded model")
     D = _config_shape(config, name)[2]
-    check_head_dim(D, f"{name}: head_dim")
+    preflight.check_attention(config, name, D)
     preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
                            device=None if loaded is None else loaded.model.device)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
@@ -235,7 +234,9 @@ def evaluate(
         if name not in PRESETS:
             raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
     config = loaded.model.config if loaded is not None else load_config(model)
-    L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
+    model_name = loaded.model_id if loaded is not None else (model or "the embedded model")
+    L, H, D = _config_shape(config, model_name)
+    preflight.check_attention(config, model_name, D, rotates=any(n.startswith("kvarn-") for n in names))
     for path, r in recipes:
         r.check_model(config, path)
     preflight.check_window(config, seq_len, f"--seq-len {seq_len}", backward=False, weights_loaded=loaded is not None,
