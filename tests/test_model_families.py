@@ -138,6 +138,14 @@ def test_calibrate_cache_and_generate(families, name):
         uninstall(model)
     assert out.shape[1] == 286 and cache.get_seq_length() == 285
 
+    # kvarn eval reads the same recipe (SchemeAttention, with the cap where the model has one)
+    report = api.evaluate(str(path), recipe=path / "kvarn" / "recipe.safetensors", num_windows=1, seq_len=300,
+                          methods=[], progress=False)
+    rows = {r.method.split(" ")[0]: r for r in report.results}
+    assert set(rows) == {"fp16", "recipe"}, list(rows)
+    assert all(r.ppl == r.ppl and r.ppl < float("inf") for r in rows.values())
+    assert rows["recipe"].kl > 0
+
 
 def test_softcap_is_applied_where_transformers_applies_it(families):
     """kvarn's attention on Gemma-2 (exact reads) equals the model's own eager attention, and the

@@ -93,12 +93,12 @@ class SchemeAttention:
     def __init__(self, scheme: CacheScheme | None):
         self.scheme = scheme
 
-    def attend(self, layer_idx, q, k, v, bias, scaling):
+    def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
         # A runtime receives K/V in fp16/bf16 and quantizes those: so do we.
         k16, v16 = k.float().half().float(), v.float().half().float()
         s = self.scheme
         if s is None:
-            return mixed_attention(q, k16, v16, None, None, None, bias, scaling)
+            return mixed_attention(q, k16, v16, None, None, None, bias, scaling, softcap)
         fmt = s.layers[layer_idx]
         kp = None if s.k_log_std is None else s.k_log_std[layer_idx]
         vp = None if s.v_log_std is None else s.v_log_std[layer_idx]
@@ -107,4 +107,4 @@ class SchemeAttention:
         t = k.shape[-2]
         pos = torch.arange(t, device=k.device)
         mask = quantized_read_mask(pos[t - q.shape[-2]:], pos, fmt.tile, s.keep_first_tile)
-        return mixed_attention(q, k16, v16, k_hat, v_hat, mask, bias, scaling)
+        return mixed_attention(q, k16, v16, k_hat, v_hat, mask, bias, scaling, softcap)
