@@ -206,8 +206,8 @@ def test_flags_checked_against_the_config_before_weights_load(tmp_path, args, ne
 
 
 def test_model_config_failures_come_before_weights(tmp_path):
-    hd80 = _config_only_model(tmp_path, "hd80", head_dim=80)
-    assert_fails(run("calibrate", hd80, "--seq-len", 512), "head_dim", "80")
+    hd72 = _config_only_model(tmp_path, "hd72", head_dim=72)  # 80 and 96 are supported, 72 has no rotation
+    assert_fails(run("calibrate", hd72, "--seq-len", 512), "head_dim", "72")
     notdecoder = tmp_path / "weird"
     notdecoder.mkdir()
     (notdecoder / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
