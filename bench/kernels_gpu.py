@@ -41,6 +41,16 @@ FORMATS = {
     "mix": LayerFormat(D, G, TensorFormat((4, 3, 4, 4, 3, 2, 4, 3), "channel", "none", clip=True),
                        TensorFormat((3, 2, 3, 3, 2, 4, 4, 2), "token", "static", clip=True)),
 }
+DEFAULT_FORMATS = ("k4v2", "mix")
+# Diagnostics for the mix's cost (--formats): uniform widths with the recipe's normalizations
+# (one head group, one launch) and a 2/4-bit mix without 3-bit heads (three groups).
+_u = lambda kb, vb: LayerFormat(D, G, TensorFormat((kb,) * H, "channel", "none", clip=True),  # noqa: E731
+                                TensorFormat((vb,) * H, "token", "static", clip=True))
+FORMATS.update({
+    "k4v2s": _u(4, 2), "k3v3s": _u(3, 3), "k4v4s": _u(4, 4), "k3v2s": _u(3, 2), "k2v4s": _u(2, 4),
+    "mix24": LayerFormat(D, G, TensorFormat((4, 2, 4, 4, 2, 2, 4, 2), "channel", "none", clip=True),
+                         TensorFormat((2, 2, 2, 2, 2, 4, 4, 2), "token", "static", clip=True)),
+})
 
 
 def bench(fn, warmup=25, rep=60, graph=True):
@@ -172,8 +182,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true", help="B in {8, 64}, ctx in {8k, 32k} only")
-    ap.add_argument("--formats", default=",".join(FORMATS), help="formats of the grid (comma-separated)")
+    ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help="formats of the grid (comma-separated)")
     ap.add_argument("--no-store", action="store_true")
+    ap.add_argument("--streams", action="store_true", help="also time formats of several head groups with each "
+                                                            "group's launch on its own stream")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="dry run: tiny shapes, few variants")
     ap.add_argument("--variants", default=None, help="JSON list of decode configurations to sweep instead")
@@ -279,15 +291,25 @@ def main():
                     splits = tri.layout_splits(lay, bsz, meta["block_table"].shape[1], torch.device(DEV))
                     if bsz in best and name == "k4v2" and best[bsz].get("splits"):
                         splits = best[bsz]["splits"]
-                    try:
-                        ms = bench(kvarn_decode_fn(lay, pages, staging, meta, bsz, splits=splits, **cfg))
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  {name} B={bsz} ctx={ctx} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    rows.append({"op": "decode", "B": bsz, "ctx": ctx, "format": name, "ms": round(ms, 4),
-                                 "x_bf16": round(base_ms / ms, 3), "packed_GBps": round(nbytes / ms / 1e6, 1),
-                                 "bits_per_element": round(bits_per_element([fmt]), 3),
-                                 "config": dict(cfg, splits=splits)})
+                    n_groups = len(lay.kernel_tables(torch.device(DEV)).groups)
+                    outs = []
+                    for streams in ((False, True) if args.streams and n_groups > 1 else (None,)):
+                        label = name + ("+streams" if streams else "")
+                        try:
+                            torch.manual_seed(1)  # the same query for both: their outputs must agree
+                            fn = kvarn_decode_fn(lay, pages, staging, meta, bsz, splits=splits, streams=streams, **cfg)
+                            ms = bench(fn)
+                            outs.append(fn().float().clone())
+                            if len(outs) == 2 and not torch.allclose(outs[0], outs[1], atol=1e-3, rtol=1e-3):
+                                print(f"  {label}: output differs from one stream's by "
+                                      f"{(outs[0] - outs[1]).abs().max().item():.3e}", flush=True)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"  {label} B={bsz} ctx={ctx} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                            continue
+                        rows.append({"op": "decode", "B": bsz, "ctx": ctx, "format": label, "ms": round(ms, 4),
+                                     "x_bf16": round(base_ms / ms, 3), "packed_GBps": round(nbytes / ms / 1e6, 1),
+                                     "bits_per_element": round(bits_per_element([fmt]), 3), "head_groups": n_groups,
+                                     "config": dict(cfg, splits=splits, streams=streams)})
                     del pages, staging, meta
                     torch.cuda.empty_cache()
                 (out_dir / "kernels_h200.json").write_text(json.dumps(rows, indent=1))  # partial results survive

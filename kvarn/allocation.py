@@ -47,11 +47,36 @@ def _hull(costs: list[float], errs: list[float]) -> list[int]:
 def allocate_bits(
     k_err: torch.Tensor, v_err: torch.Tensor, candidate_bits: tuple[int, ...],
     k_format: TensorFormat, v_format: TensorFormat, tile: int, head_dim: int,
-    avg_bits: float, allow_fp16: bool = True,
+    avg_bits: float, allow_fp16: bool = True, head_groups: list[list[int]] | None = None,
 ) -> Allocation:
     """Choose ``[L, H]`` K and V widths minimising the summed predicted error such that the
-    average stored bits per element (scales included) is at most ``avg_bits``."""
+    average stored bits per element (scales included) is at most ``avg_bits``.
+
+    ``head_groups`` (e.g. ``kvarn.parallel.head_groups_for_tp``): tensor-parallel ranks must hold
+    equal bytes per token in every layer (vLLM gives all ranks one page size per layer). The free
+    allocation decides how many bytes each layer gets; each layer's bytes are then split over the
+    groups by their heads' share and allocated per (layer, group), so ranks differ by less than one
+    upgrade step per layer (the runtime pads that remainder) and layers keep the budget the
+    calibration gave them."""
     L, H, _ = k_err.shape
+    groups = head_groups or [list(range(H))]
+    if len(groups) > 1:
+        free = allocate_bits(k_err, v_err, candidate_bits, k_format, v_format, tile, head_dim, avg_bits, allow_fp16)
+        k_bits = torch.zeros(L, H, dtype=torch.int64)
+        v_bits = torch.zeros(L, H, dtype=torch.int64)
+        err = 0.0
+        for l in range(L):
+            layer_bytes = sum(head_tile_bytes(k_format, int(free.k_bits[l, h]), tile, head_dim)
+                              + head_tile_bytes(v_format, int(free.v_bits[l, h]), tile, head_dim) for h in range(H))
+            layer_bits = 8.0 * layer_bytes / tile / (H * head_dim * 2)  # the layer's share, as bits/element
+            for g in groups:
+                part = allocate_bits(k_err[l:l + 1, g], v_err[l:l + 1, g], candidate_bits, k_format, v_format, tile,
+                                     head_dim, layer_bits, allow_fp16)
+                k_bits[l, g], v_bits[l, g] = part.k_bits[0], part.v_bits[0]
+                err += part.predicted_error
+        layers = [LayerFormat(head_dim, tile, k_format.with_bits(k_bits[l].tolist()),
+                              v_format.with_bits(v_bits[l].tolist())) for l in range(L)]
+        return Allocation(k_bits, v_bits, err, bits_per_element(layers))
     options = list(candidate_bits) + ([FP16_BITS] if allow_fp16 else [])
     items = []  # (kind, layer, head, [bits], [cost bytes/token], [err])
     for kind, err, fmt in (("k", k_err, k_format), ("v", v_err, v_format)):

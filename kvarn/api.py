@@ -96,18 +96,22 @@ def calibrate(
     output: str | os.PathLike | None = None, tile: int = 128, keep_first_tile: bool = True,
     objective: str = "fisher", k_normalize: str = "none", v_normalize: str = "static",
     clip: bool = True, seed: int = 0, progress: bool = True, loaded=None, overwrite: bool = False,
+    tp_size: int = 1,
 ) -> tuple[Recipe, CalibrationReport]:
     """Calibrate ``model`` on a calibration set and write a recipe.
 
     Lifecycle: load model → tokenize the calibration set into windows → capture streaming K/V
     statistics and per-candidate attention-output errors → allocate K/V bits per layer and head
     under the budget (``avg_bits`` bits/element including scales, or ``compression`` vs fp16) →
-    write the recipe atomically. ``loaded`` (a ``LoadedModel``) skips loading.
+    write the recipe atomically. ``loaded`` (a ``LoadedModel``) skips loading. ``tp_size`` > 1
+    balances the budget over the KV heads of each tensor-parallel rank (vLLM's split), so every
+    rank holds the same bytes per token; the recipe records it in ``budget.tp_sizes``.
     """
     from .allocation import allocate_bits
     from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
     from .data import resolve_calib, spec_hash, load_text, make_windows
     from .models import load_config, load_model
+    from .parallel import head_groups_for_tp
     from .quant.formats import SUPPORTED_TILES, TensorFormat
     from .stats import compute_stats
 
@@ -130,6 +134,9 @@ def calibrate(
     name = loaded.model_id if loaded is not None else (model or "the embedded model")
     D = _config_shape(config, name)[2]
     preflight.check_attention(config, name, D)
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise KvarnError(f"--tp-size {tp_size!r}: must be an integer >= 1")
+    head_groups = head_groups_for_tp(_config_shape(config, name)[1], tp_size) if tp_size > 1 else None
     preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
                            device=None if loaded is None else loaded.model.device)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
@@ -145,8 +152,11 @@ def calibrate(
     cfg = CaptureConfig(tile=tile, keep_first_tile=keep_first_tile, k=k_fmt, v=v_fmt)
     cap = capture_kv(lm.model, windows, cfg, progress=progress)
     stats = compute_stats(cap, objective)
-    alloc = allocate_bits(stats.k_err, stats.v_err, stats.candidate_bits, k_fmt, v_fmt, tile, D, avg_bits)
+    alloc = allocate_bits(stats.k_err, stats.v_err, stats.candidate_bits, k_fmt, v_fmt, tile, D, avg_bits,
+                          head_groups=head_groups)
     budget = {"avg_bits": avg_bits} if compression is None else {"compression": compression, "avg_bits": avg_bits}
+    if tp_size > 1:
+        budget["tp_sizes"] = [tp_size]
     recipe = Recipe(
         model_id=lm.model_id, fingerprint=ModelFingerprint.from_config(lm.model.config), tile=tile,
         keep_first_tile=keep_first_tile, k_options=k_fmt.options(), v_options=v_fmt.options(),
@@ -320,6 +330,7 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
         "bytes_per_token_per_layer": per_layer, "bytes_per_token": sum(per_layer),
         "fp16_bytes_per_token": 2 * r.num_layers * r.fingerprint.num_kv_heads * r.fingerprint.head_dim * 2,
         "k_bits": r.k_bits.tolist(), "v_bits": r.v_bits.tolist(),
+        **_rank_bytes(r),
         "k_bits_histogram": {int(b): int((r.k_bits == b).sum()) for b in r.k_bits.unique()},
         "v_bits_histogram": {int(b): int((r.v_bits == b).sum()) for b in r.v_bits.unique()},
     }
@@ -328,6 +339,25 @@ def inspect(recipe: str | os.PathLike, plot: str | os.PathLike | None = None, ov
 
         summary["plot"] = str(plot_bits_heatmap(r, plot))
     return summary
+
+
+def _rank_bytes(r: Recipe) -> dict:
+    """Bytes per token on each tensor-parallel rank, and what every rank's pages are padded to
+    (vLLM needs one page size per layer on all ranks), for the sizes the recipe is balanced for and
+    the small sizes that split its KV heads."""
+    from .runtime.paged import CacheSource, rank_bytes_per_token, tp_page_bytes
+
+    h = r.fingerprint.num_kv_heads
+    sizes = sorted(set(r.budget.get("tp_sizes", [])) | {t for t in (2, 4, 8) if t <= h and h % t == 0})
+    src = CacheSource("recipe", tuple(r.layer_formats()), r.keep_first_tile)
+    ranks, padded = {}, {}
+    for t in sizes:
+        try:
+            ranks[str(t)] = [round(b, 2) for b in rank_bytes_per_token(src, t)]
+            padded[str(t)] = round(sum(tp_page_bytes(src, t)) / r.tile, 2)
+        except ValueError:  # a recorded size that does not split this model's heads (a damaged file)
+            continue
+    return {"bytes_per_token_per_rank": ranks, "tp_padded_bytes_per_token": padded}
 
 
 def format_inspect(s: dict) -> str:
@@ -345,6 +375,10 @@ def format_inspect(s: dict) -> str:
         f"achieved: {s['bits_per_element']:.3f} bits/element (scales included), {s['compression']:.2f}x smaller than fp16; "
         f"{s['bytes_per_token']:.1f} of {s['fp16_bytes_per_token']} fp16 bytes per token",
         f"K bits histogram (layer×head): {s['k_bits_histogram']}   V: {s['v_bits_histogram']}",
+        *(f"tensor-parallel {t}: bytes per token per rank {b}, pages padded to {s['tp_padded_bytes_per_token'][t]} "
+          f"on every rank ({100 * (1 - sum(b) / (int(t) * s['tp_padded_bytes_per_token'][t])):.1f}% padding"
+          f"{', balanced by calibration' if int(t) in s['budget'].get('tp_sizes', []) else ''})"
+          for t, b in s["bytes_per_token_per_rank"].items()),
         "layer  K bits per head          V bits per head",
     ]
     for l, (kb, vb) in enumerate(zip(s["k_bits"], s["v_bits"])):

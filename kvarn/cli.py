@@ -60,9 +60,10 @@ Examples:
 @click.option("--v-normalize", type=click.Choice(["static", "tile", "none"]), default="static", help="Values: calibrated per-channel scale (free), KVarN per-tile normalization, or none.")
 @click.option("--no-clip", is_flag=True, help="Plain min/max ranges instead of the MSE-optimal clipping search.")
 @click.option("--seed", type=int, default=0)
+@click.option("--tp-size", type=int, default=1, show_default=True, help="Balance the bits so each of this many tensor-parallel ranks holds equal bytes per token.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at -o that kvarn did not write (never a device or model weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, k_normalize, v_normalize, no_clip, seed, overwrite, as_json):
+def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output, tile, objective, k_normalize, v_normalize, no_clip, seed, tp_size, overwrite, as_json):
     """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
     from . import api
 
@@ -70,7 +71,7 @@ def calibrate(model, calib, num_samples, seq_len, avg_bits, compression, output,
         _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
                                compression=compression, output=output, tile=int(tile), objective=objective,
                                k_normalize=k_normalize, v_normalize=v_normalize, clip=not no_clip,
-                               seed=seed, progress=not as_json, overwrite=overwrite)
+                               seed=seed, progress=not as_json, overwrite=overwrite, tp_size=tp_size)
         text = (f"wrote {rep.recipe_path}: {rep.bits_per_element:.3f} bits/element (scales included), "
                 f"{rep.compression:.2f}x smaller than fp16; mean K bits {rep.k_bits_mean:.2f}, V bits {rep.v_bits_mean:.2f}; "
                 f"calibrated on {rep.calibration['set']} ({rep.calibration['tokens']} tokens) in {rep.seconds:.1f} s")

@@ -50,7 +50,9 @@ field                                  type        range / rule
                                                    1 .. 2**24), tokens (int 0 .. 2**40),
                                                    objective ("fisher" or "mse")
 ``budget``                             object      optional: avg_bits (number in (1, 16]),
-                                                   compression (number in [1, 16))
+                                                   compression (number in [1, 16)), tp_sizes
+                                                   (1-8 ints in [1, 1024]: tensor-parallel sizes
+                                                   whose ranks hold equal bytes per token)
 ``achieved_bits_per_element``          number      equals the bits recomputed from the bit tables
                                                    (within 1e-4; optional)
 ``compression``                        number      equals 16 / achieved bits (within 1e-4; optional)
@@ -518,6 +520,12 @@ def _validate_info(p, info: dict) -> dict:
     bud = f.object(info, "budget", required=False)
     budget = {"avg_bits": f.number(bud, "avg_bits", 1, 16, "budget.", lo_open=True),
               "compression": f.number(bud, "compression", 1, 16, "budget.", hi_open=True)}
+    tp = bud.get("tp_sizes")
+    if tp is not None:  # the tensor-parallel sizes the allocation is balanced for
+        if (not isinstance(tp, list) or not 1 <= len(tp) <= 8
+                or any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 1024 for t in tp)):
+            raise f.bad("budget.tp_sizes", tp, "a list of 1-8 integers in [1, 1024]")
+        budget["tp_sizes"] = list(tp)
     out["budget"] = {k: v for k, v in budget.items() if v is not None}
     out["achieved_bits_per_element"] = f.number(info, "achieved_bits_per_element", 0, 16)
     out["compression"] = f.number(info, "compression", 1, 16)

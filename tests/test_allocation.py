@@ -86,3 +86,35 @@ def test_budget_below_minimum_is_a_clear_error():
     with pytest.raises(KvarnError) as ei:
         allocate_bits(k_err, v_err, CAND, K, V, 128, 64, 2.0)
     assert "--avg-bits" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_groups_hold_equal_bytes_per_layer(tp):
+    """With the heads' errors skewed towards one rank, a plain allocation gives that rank more
+    bytes; with ``head_groups_for_tp`` every layer's ranks hold equal bytes up to one width step
+    (vLLM pads each layer's page to its largest rank), within the total budget, and each layer
+    keeps the bytes the free allocation gave it (up to that step), at an error no lower than it."""
+    from kvarn.parallel import head_groups_for_tp
+
+    L, H, D = 4, 8, 64
+    k_err, v_err = _convex_errors(L, H, seed=tp)
+    k_err[:, : H // tp] *= 50  # rank 0's heads are the sensitive ones
+    free = allocate_bits(k_err, v_err, CAND, K, V, 128, D, 3.2)
+    groups = head_groups_for_tp(H, tp)
+    bal = allocate_bits(k_err, v_err, CAND, K, V, 128, D, 3.2, head_groups=groups)
+
+    def layer_rank_bytes(a, l):
+        return [sum(head_tile_bytes(K, int(a.k_bits[l, h]), 128, D) + head_tile_bytes(V, int(a.v_bits[l, h]), 128, D)
+                    for h in g) / 128 for g in groups]
+
+    step = max(head_tile_bytes(K, b2, 128, D) - head_tile_bytes(K, b1, 128, D) for b1, b2 in zip(CAND, CAND[1:])) / 128
+    assert any(max(layer_rank_bytes(free, l)) - min(layer_rank_bytes(free, l)) > step for l in range(L)), \
+        "the skewed instance is not unbalanced without groups"
+    for l in range(L):
+        bb = layer_rank_bytes(bal, l)
+        assert max(bb) - min(bb) <= step + 1e-9, f"layer {l}: ranks hold {bb} bytes per token (one step is {step})"
+        assert sum(bb) <= sum(layer_rank_bytes(free, l)) + 1e-9, f"layer {l} got more than the free allocation gave it"
+    assert bal.bits_per_element <= 3.2 + 1e-9 and bal.predicted_error >= free.predicted_error - 1e-12
+    assert head_groups_for_tp(2, 4) == [[0], [1]]
+    with pytest.raises(KvarnError, match="--tp-size 3"):
+        head_groups_for_tp(8, 3)

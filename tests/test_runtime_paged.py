@@ -44,8 +44,10 @@ def test_layout_round_trip_matches_codec(d, v_norm):
 
 
 def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=0, shuffle_blocks=True,
-         fp16_inputs=True, softcap=None):
-    """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step."""
+         fp16_inputs=True, device="cpu", prefill="tiled", dtype=torch.float32, softcap=None):
+    """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step (the
+    engine's tensors on ``device``; the reference always on the CPU). ``prefill="raw"``: the
+    reference is ``_raw_reference``. ``softcap``: returns (out, the capped reference, the uncapped one)."""
     torch.manual_seed(seed)
     n = len(seq_chunks)
     q = torch.randn(n, T, HQ, d)
@@ -53,13 +55,15 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
     v = torch.randn(n, T, H, d)
     if fp16_inputs:  # staging keeps fp16: with fp16-exact inputs nothing is lost before encoding
         k, v = k.half().float(), v.half().float()
+    if dtype != torch.float32:  # the reference sees the engine's inputs (a bf16 rounding flips codes)
+        q, k, v = q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float()
     nblocks = n * (-(-T // G)) + 1
     order = torch.randperm(nblocks - 1) + 1 if shuffle_blocks else torch.arange(1, nblocks)
     blocks = [order[i * (-(-T // G)):(i + 1) * (-(-T // G))].tolist() for i in range(n)]
     lay = source.layout(0)
-    pages = torch.zeros(nblocks, lay.nbytes + 6, dtype=torch.uint8)  # pages may be padded (to an even size: fp16 fields)
+    pages = torch.zeros(nblocks, lay.nbytes + 6, dtype=torch.uint8, device=device)  # padded pages (even size: fp16 fields)
     table = StagingTable(staging_slots(n, source.keep_first_tile), G, source.keep_first_tile)
-    staging = torch.zeros(table.num_slots, 2, H, G, d, dtype=torch.float16)
+    staging = torch.zeros(table.num_slots, 2, H, G, d, dtype=torch.float16, device=device)
     out = torch.zeros(n, T, HQ, d)
     pos = [0] * n
     for step in range(max(len(c) for c in seq_chunks)):
@@ -73,15 +77,19 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
             at += ql
             pos[i] += ql
         steps = table.plan(seqs)
-        qb = torch.cat([q[i, a:b] for i, a, b in rows])
-        kb = torch.cat([k[i, a:b] for i, a, b in rows])
-        vb = torch.cat([v[i, a:b] for i, a, b in rows])
+        qb = torch.cat([q[i, a:b] for i, a, b in rows]).to(device, dtype)
+        kb = torch.cat([k[i, a:b] for i, a, b in rows]).to(device, dtype)
+        vb = torch.cat([v[i, a:b] for i, a, b in rows]).to(device, dtype)
         ob = torch.zeros_like(qb)
-        attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob, softcap=softcap)
+        attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob, prefill=prefill,
+                     softcap=softcap)
+        ob = ob.float().cpu()
         at = 0
         for i, a, b in rows:
             out[i, a:b] = ob[at:at + b - a]
             at += b - a
+    if prefill == "raw":
+        return out, _raw_reference(source, seq_chunks, q, k, v, d, softcap)
     scheme = CacheScheme("t", list(source.formats), source.keep_first_tile, source.k_log_std, source.v_log_std)
     causal = torch.full((T, T), float("-inf")).triu(1)
     refs = [SchemeAttention(scheme).attend] + ([] if softcap is None else [_capped_reference(scheme, softcap)])
@@ -90,7 +98,6 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
                v[i].transpose(0, 1)[None], causal, d ** -0.5)[0].transpose(0, 1)
         for i in range(n)
     ]) for attend in refs]
-    # with a cap: (out, the capped reference, the uncapped one)
     return (out, refs[0]) if softcap is None else (out, refs[1], refs[0])
 
 
@@ -109,6 +116,57 @@ def _capped_reference(scheme, softcap):
         return mixed_attention_ref(q, k16, v16, k_hat, v_hat, mask, bias, scaling, softcap)
 
     return attend
+
+
+def _raw_reference(source: CacheSource, seq_chunks, q, k, v, d, softcap=None):
+    """The serving read of prefill (``prefill="raw"``), computed independently with explicit scores:
+    a query of a chunk starting at ``a`` reads tiles completed before the chunk (below ``a // G``)
+    quantized, except the first if kept, and every other key up to itself exactly (fp16)."""
+    from kvarn.quant.attention import mixed_attention_ref
+    from kvarn.quant.codec import fake_quantize_sequence
+
+    fmt = source.formats[0]
+    outs = []
+    for i, chunks in enumerate(seq_chunks):
+        kt, vt = k[i].transpose(0, 1)[None], v[i].transpose(0, 1)[None]  # [1, H, T, D]
+        k16, v16 = kt.half().float(), vt.half().float()
+        k_hat = fake_quantize_sequence(k16, fmt.k, G, source.keep_first_tile, source.k_log_std[0])
+        v_hat = fake_quantize_sequence(v16, fmt.v, G, source.keep_first_tile, source.v_log_std[0])
+        T = kt.shape[2]
+        pos = torch.arange(T)
+        rows, a = [], 0
+        for n in chunks:
+            qp = pos[a:a + n]
+            quant = (pos[None, :] // G < a // G) & (pos[None, :] // G >= (1 if source.keep_first_tile else 0))
+            quant = quant.expand(n, T)
+            bias = torch.where(pos[None, :] <= qp[:, None], 0.0, float("-inf"))
+            rows.append(mixed_attention_ref(q[i, a:a + n].transpose(0, 1)[None], k16, v16, k_hat, v_hat, quant,
+                                            bias, d ** -0.5, softcap)[0].transpose(0, 1))
+            a += n
+        outs.append(torch.cat(rows))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("keep_first", [True, False])
+def test_raw_prefill_reads_only_the_cached_past(keep_first):
+    """``prefill="raw"`` (the GPU serving read): a chunk attends over its own raw keys (causal;
+    FlashAttention on CUDA) plus what was cached before it, merged by log-sum-exp; decode rows
+    after it read as always. Chunks start mid-tile, end on and across tile edges; one sequence
+    is a single whole prefill (FlashAttention alone)."""
+    torch.manual_seed(4)
+    d = 64
+    src = CacheSource("t", (_format(d, kbits=(3, 4), vbits=(2, 4)),), keep_first, torch.randn(1, H, d) * 0.2,
+                      torch.randn(1, H, d) * 0.2)
+    T = 3 * G + 29
+    chunks = [[T - 4] + [1] * 4, [50, 14, 64, 1, 70] + [1] * (T - 199), [G + 3, 2 * G - 3] + [1] * 29]
+    cuda = torch.cuda.is_available()  # compiled, in bf16 as vLLM runs it: FlashAttention + the Triton ops
+    out, ref = _run(src, chunks, T, d, prefill="raw", device="cuda" if cuda else "cpu",
+                    dtype=torch.bfloat16 if cuda else torch.float32)
+    err = ((out - ref).norm() / ref.norm()).item() if cuda else (out - ref).abs().max().item()
+    assert err < (2e-2 if cuda else 2e-4), f"raw prefill vs the reference: error {err:.2e}"
+    # the rule differs from the tiled one where a chunk spans tiles: reading its own tiles raw matters
+    tiled, _ = _run(src, chunks, T, d)
+    assert (tiled - out).abs().max().item() > 1e-3, "raw and tiled prefill agree: the test cannot tell them apart"
 
 
 @pytest.mark.parametrize("keep_first", [True, False])
@@ -142,6 +200,18 @@ def test_softcap_and_head_dim_96_prefill_and_decode_match_capped_reference():
     assert (uncapped - ref).abs().max().item() > 100 * err, "test is vacuous: the cap changed nothing"
 
 
+def test_raw_prefill_with_softcap_and_head_dim_80():
+    """The serving read of prefill (``prefill="raw"``) with a cap, at head_dim 80."""
+    torch.manual_seed(5)
+    d = 80
+    src = CacheSource("t", (_format(d),), True, torch.randn(1, H, d) * 0.2, torch.randn(1, H, d) * 0.2)
+    T = 2 * G + 29
+    chunks = [[70, 50, 1] + [1] * (T - 121), [T]]  # chunks start mid-tile and end across tile edges
+    out, ref = _run(src, chunks, T, d, prefill="raw", softcap=1.0)
+    err = (out - ref).abs().max().item()
+    assert err < 2e-4, f"max |raw paged - capped raw reference| = {err:.2e}"
+
+
 def test_chunked_prefill_and_decode_with_triton_ops(monkeypatch):
     """The same engine steps through the Triton ops (the interpreter on CPU, compiled on CUDA).
 
@@ -155,7 +225,7 @@ def test_chunked_prefill_and_decode_with_triton_ops(monkeypatch):
                       torch.randn(1, H, d) * 0.2)
     T = 2 * G + 21
     chunks = [[T - 3] + [1] * 3, [70, 58, 1] + [1] * (T - 129)]
-    out, ref = _run(src, chunks, T, d)
+    out, ref = _run(src, chunks, T, d, device="cuda" if torch.cuda.is_available() else "cpu")
     rel = ((out - ref).norm() / ref.norm()).item()
     assert not torch.isnan(out).any() and rel < 3e-3, f"triton ops: relative error {rel:.2e} vs the reference"
 
@@ -181,3 +251,39 @@ def test_decode_rows_take_the_batched_path(monkeypatch):
     assert general_rows == [G - 1], f"rows that took the per-sequence path: {general_rows}"
     err = (out - ref).abs().max().item()
     assert err < 2e-4, f"max |batched decode - reference| = {err:.2e}"
+
+
+def test_rank_kv_heads_follow_vllms_split():
+    from kvarn.parallel import rank_kv_heads
+
+    assert [rank_kv_heads(8, 2, r) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [rank_kv_heads(8, 8, r) for r in range(8)] == [[r] for r in range(8)]
+    assert [rank_kv_heads(2, 4, r) for r in range(4)] == [[0], [0], [1], [1]]  # replicated: TP > KV heads
+    for bad in ((3, 2, 0), (2, 3, 0), (8, 2, 2)):
+        with pytest.raises(ValueError):
+            rank_kv_heads(*bad)
+
+
+def test_shard_holds_the_ranks_heads():
+    """A rank's source (``CacheSource.shard``) encodes and decodes its heads exactly as the whole
+    source does those heads: widths and priors follow the heads; bytes per rank add up to the
+    whole (no replication) and differ where the recipe's widths differ between ranks."""
+    from kvarn.runtime.paged import rank_bytes_per_token
+
+    torch.manual_seed(5)
+    d, heads = 64, 4
+    fmt = LayerFormat(d, G, TensorFormat((4, 2, 3, 16), "channel", "tile", clip=True),
+                      TensorFormat((2, 8, 4, 2), "token", "static", clip=True))
+    kp, vp = torch.randn(2, heads, d) * 0.3, torch.randn(2, heads, d) * 0.3
+    src = CacheSource("t", (fmt, fmt), True, kp, vp)
+    k, v = torch.randn(heads, 2, G, d), torch.randn(heads, 2, G, d)
+    full_k, full_v = src.layout(1).decode(src.layout(1).encode(k, v))
+    for sel in ([2, 3], [0, 1], [3]):
+        part = src.shard(sel)
+        assert part.formats[1].k.bits == tuple(fmt.k.bits[h] for h in sel)
+        pk, pv = part.layout(1).decode(part.layout(1).encode(k[sel], v[sel]))
+        torch.testing.assert_close(pk, full_k[sel], rtol=1e-5, atol=1e-5, msg=f"K of heads {sel}")
+        torch.testing.assert_close(pv, full_v[sel], rtol=1e-5, atol=1e-5, msg=f"V of heads {sel}")
+    per_rank = rank_bytes_per_token(src, 2)
+    whole = sum(tile_bytes(f) for f in src.formats) / G
+    assert abs(sum(per_rank) - whole) < 1e-6 * whole and per_rank[0] != per_rank[1], per_rank

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.decode import decode, merge, paged_attention, partial_attention
+from ..ops.decode import causal_attention, decode, dense_attention, merge, paged_attention, partial_attention
 from ..ops.layout import PageLayout, check_storable
+from ..parallel import rank_kv_heads
 from ..ops.store import store_tiles
 from ..quant.formats import tile_bytes
 
@@ -82,6 +83,32 @@ class CacheSource:
     def staging_slot_bytes(self) -> int:
         """fp16 bytes of one staging slot over all layers (K and V of one tile)."""
         return sum(2 * f.num_kv_heads * f.tile * f.head_dim * 2 for f in self.formats)
+
+    def shard(self, heads: list[int]) -> "CacheSource":
+        """The source of the KV heads one tensor-parallel rank owns (``rank_kv_heads``): each
+        layer's widths and priors of those heads, in that order."""
+        from dataclasses import replace
+
+        fmts = tuple(replace(f, k=replace(f.k, bits=tuple(f.k.bits[h] for h in heads)),
+                             v=replace(f.v, bits=tuple(f.v.bits[h] for h in heads))) for f in self.formats)
+        pick = lambda t: None if t is None else t[:, list(heads)].contiguous()  # noqa: E731
+        return CacheSource(f"{self.name} (KV heads {list(heads)})", fmts, self.keep_first_tile, pick(self.k_log_std),
+                           pick(self.v_log_std), self.recipe)
+
+
+def tp_page_bytes(source: CacheSource, tp_size: int) -> list[int]:
+    """Per layer, the largest tile any rank stores: every rank's page of that layer has this size
+    (vLLM requires one KV-cache spec per layer across ranks)."""
+    h = source.formats[0].num_kv_heads
+    shards = [source.shard(rank_kv_heads(h, tp_size, r)) for r in range(tp_size)]
+    return [max(tile_bytes(s.formats[l]) for s in shards) for l in range(source.num_layers)]
+
+
+def rank_bytes_per_token(source: CacheSource, tp_size: int) -> list[float]:
+    """Bytes per cached token on each rank (all layers). vLLM gives every rank the same number of
+    blocks, so the largest sets the capacity and the others leave part of their pool unused."""
+    return [sum(tile_bytes(f) for f in source.shard(rank_kv_heads(source.formats[0].num_kv_heads, tp_size, r)).formats)
+            / source.tile for r in range(tp_size)]
 
 
 def staging_slots(max_num_seqs: int, keep_first_tile: bool) -> int:
@@ -311,7 +338,7 @@ def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k,
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    out: torch.Tensor, batch: DecodeBatch | None = None, softcap: float | None = None,
+    out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled", softcap: float | None = None,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -320,31 +347,35 @@ def attend_layer(
 
     Single-token decode rows take ``_attend_decode`` (``batch``: their ``decode_batch``, built here
     when the caller has none); the other rows (prefill chunks, placeholders) ``_attend_general``.
-    ``softcap``: the model's attention-logit cap (Gemma-2), applied to every score; None: none.
+    ``prefill``: how a chunk reads the tiles it completes itself — ``"tiled"`` as the reference
+    (quantized for its later tiles' queries), ``"raw"`` as serving engines do (the chunk attends
+    over its own raw keys with FlashAttention; only what was cached before the chunk is read from
+    the cache: quantized tiles, fp16 first tile and open tail). ``softcap``: the model's
+    attention-logit cap (Gemma-2), applied to every score; None: none.
     """
+    if prefill not in ("tiled", "raw"):
+        raise ValueError(f"prefill must be 'tiled' or 'raw', not {prefill!r}")
     if batch is None:
         batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
     if batch is not None:
         _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
-        _attend_general(layout, keep_first_tile, pages, staging, steps, q, k, v, scale, out, softcap)
+        spans = _stage(layout, keep_first_tile, pages, staging, steps, k, v)
+        reader = _read_tiled if prefill == "tiled" else _read_raw
+        reader(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out, softcap)
 
 
-def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], q, k, v,
-                    scale: float, out, softcap: float | None = None) -> None:
-    """Any rows (per sequence in Python: prefill chunks are few per step).
-
-    Three ops: ``store_tiles`` encodes every tile completed in this step (all sequences, one call);
-    ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
-    (tiles completed in this step included, so queries of a later tile read them quantized); the
-    fp16 part (first tile, the query's own tile) is attended here and merged by log-sum-exp.
-    """
+def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], k, v) -> list:
+    """Rows of prefill chunks and placeholders (per sequence in Python: chunks are few per step):
+    each sequence's fp16 span (its open tail from staging + the step's keys/values, ``[H, n, D]``),
+    every tile the step completes encoded (all sequences, one ``store_tiles``), first tiles and new
+    open tails written to staging. Returns the spans."""
     g = layout.tile
-    dev = q.device
+    dev = k.device
     new_k, new_v, new_ids = [], [], []
     spans = []
-    for st in steps:  # assemble each sequence's fp16 span; collect the tiles this step completes
+    for st in steps:
         rows = slice(st.q_start, st.q_end)
         span_k, span_v = k[rows].transpose(0, 1).half(), v[rows].transpose(0, 1).half()  # [H, q, D]
         if st.dummy:
@@ -370,34 +401,94 @@ def _attend_general(layout: PageLayout, keep_first_tile: bool, pages, staging, s
             staging[st.new_slot, 1, :, :tail] = span_v[:, -tail:]
     if new_ids:
         store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), torch.tensor(new_ids, device=dev))
+    return spans
 
+
+def _block_table(steps: list[SeqStep], g: int) -> torch.Tensor:
+    width = max(-(-st.seq // g) for st in steps)
+    table = torch.zeros(len(steps), width, dtype=torch.int32)
+    for j, st in enumerate(steps):
+        n_blocks = -(-st.seq // g)
+        table[j, :n_blocks] = torch.tensor(st.blocks[:n_blocks], dtype=torch.int32)
+    return table
+
+
+def _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap=None) -> None:
+    n_q = rows.stop - rows.start
+    pos = torch.arange(n_q, device=q.device)
+    o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None], softcap)
+    out[rows] = o.to(out.dtype)
+
+
+def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
+              scale: float, out, softcap: float | None = None) -> None:
+    """Prefill as serving engines read it: the chunk's own tokens over each other with causal
+    FlashAttention on the step's raw keys/values; what the cache held before the chunk — the fp16
+    first tile, the tiles completed earlier (dequantized once per chunk: a paged read per 4-token
+    row block re-read the whole past for every block, O(chunk x past) bytes) and the open tail —
+    attended densely (FlashAttention) and merged by log-sum-exp. A first chunk is FlashAttention alone."""
+    g = layout.tile
+    for i, st in enumerate(steps):
+        rows = slice(st.q_start, st.q_end)
+        if st.dummy:
+            _causal_placeholder(q, *spans[i], scale, out, rows, softcap)
+            continue
+        if st.q_end <= st.q_start:
+            continue
+        o, lse = causal_attention(q[rows], k[rows], v[rows], scale, softcap)
+        t_c, n_old = st.ctx // g, st.ctx - (st.ctx // g) * g
+        first_fp16 = keep_first_tile and t_c >= 1 and st.first_slot is not None
+        page_start = 1 if (keep_first_tile and (t_c == 0 or st.first_slot is not None)) else 0
+        keys, vals = [], []  # the past, in token order: [H, n, D] pieces
+        if first_fp16:
+            keys.append(staging[st.first_slot, 0].float())
+            vals.append(staging[st.first_slot, 1].float())
+        if t_c > page_start:
+            ids = torch.tensor(st.blocks[page_start:t_c], device=pages.device, dtype=torch.long)
+            kq, vq = layout.decode(pages[ids])  # [H, n, G, D] float32, model basis
+            h, n, _, d = kq.shape
+            keys.append(kq.reshape(h, n * g, d))
+            vals.append(vq.reshape(h, n * g, d))
+        if n_old:
+            keys.append(spans[i][0][:, :n_old].float())
+            vals.append(spans[i][1][:, :n_old].float())
+        if keys:
+            o_p, lse_p = dense_attention(q[rows], torch.cat(keys, 1), torch.cat(vals, 1), scale, softcap)
+            o, lse = merge(o, lse, o_p, lse_p)
+        out[rows] = o.to(out.dtype)
+
+
+def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
+                scale: float, out, softcap: float | None = None) -> None:
+    """Any rows, read as the reference defines (per sequence in Python: prefill chunks are few per step).
+
+    ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
+    (tiles completed in this step included, so queries of a later tile read them quantized); the
+    fp16 part (first tile, the query's own tile) is attended here and merged by log-sum-exp.
+    """
+    g = layout.tile
+    dev = q.device
     # the quantized part: every query row over its sequence's pages
-    live = [(i, st) for i, st in enumerate(steps) if not st.dummy and st.q_end > st.q_start]
+    live = [st for st in steps if not st.dummy and st.q_end > st.q_start]
     if live:
-        width = max(-(-st.seq // g) for _, st in live)
-        table = torch.zeros(len(live), width, dtype=torch.int32)
         q_seq, q_tile, page_start = [], [], []
-        for j, (_, st) in enumerate(live):
-            n_blocks = -(-st.seq // g)
-            table[j, :n_blocks] = torch.tensor(st.blocks[:n_blocks], dtype=torch.int32)
+        for j, st in enumerate(live):
             q_seq.extend([j] * (st.q_end - st.q_start))
             q_tile.extend(p // g for p in range(st.ctx, st.seq))
             first_fp16 = keep_first_tile and (st.ctx // g == 0 or st.first_slot is not None)
             page_start.append(1 if first_fp16 else 0)
-        rows = torch.cat([torch.arange(st.q_start, st.q_end) for _, st in live]).to(dev)
+        rows = torch.cat([torch.arange(st.q_start, st.q_end) for st in live]).to(dev)
         o_q, lse_q = paged_attention(layout, pages, q[rows], torch.tensor(q_seq, device=dev),
                                      torch.tensor(q_tile, dtype=torch.int32, device=dev),
-                                     torch.tensor(page_start, dtype=torch.int32, device=dev), table.to(dev), scale,
-                                     softcap)
+                                     torch.tensor(page_start, dtype=torch.int32, device=dev),
+                                     _block_table(live, g).to(dev), scale, softcap)
     at = 0
     for i, st in enumerate(steps):  # the fp16 part, merged with the quantized part
         rows = slice(st.q_start, st.q_end)
         n_q = st.q_end - st.q_start
         span_k, span_v = spans[i]
         if st.dummy:
-            pos = torch.arange(n_q, device=dev)
-            o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None], softcap)
-            out[rows] = o.to(out.dtype)
+            _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap)
             continue
         t_c = st.ctx // g
         first_fp16 = keep_first_tile and (t_c == 0 or st.first_slot is not None)

@@ -47,8 +47,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import KvarnError
+from ..parallel import rank_kv_heads
 from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
-                    staging_slots)
+                    staging_slots, tp_page_bytes)
 from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _model_shape
 
 STORAGE_DTYPE = torch.uint8
@@ -65,8 +66,18 @@ class EngineCache:
                              "create the engine through EngineArgs/LLM/the CLI so the plugin can resolve the recipe")
         self.vllm_config = vllm_config
         self.source: CacheSource = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        page_floor = [0] * self.source.num_layers
+        if tp > 1:  # this rank's KV heads only: their widths, priors and pages
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            # vLLM needs one page size per layer on every rank: a rank's page is padded to the largest
+            page_floor = tp_page_bytes(self.source, tp)
+            self.source = self.source.shard(rank_kv_heads(self.source.formats[0].num_kv_heads, tp,
+                                                          get_tensor_model_parallel_rank()))
         self.layouts = [self.source.layout(i) for i in range(self.source.num_layers)]
-        self.page_bytes = [_round_page(lay.nbytes, self.source.tile) for lay in self.layouts]
+        self.page_bytes = [_round_page(max(lay.nbytes, floor), self.source.tile)
+                           for lay, floor in zip(self.layouts, page_floor)]
         slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, self.source.keep_first_tile)
         self.table = StagingTable(slots, self.source.tile, self.source.keep_first_tile)
         device = torch.device(vllm_config.device_config.device)
@@ -209,7 +220,8 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
                      attn_metadata.steps, query[:n].view(n, self.num_heads, self.head_size),
                      key[:n].view(n, self.num_kv_heads, self.head_size),
                      value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
-                     batch=attn_metadata.decode, softcap=self.logits_soft_cap)
+                     batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled",
+                     softcap=self.logits_soft_cap)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

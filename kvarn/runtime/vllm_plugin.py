@@ -165,7 +165,11 @@ def validate(source, vllm_config) -> list[str]:
         reasons.append("sliding-window layers are not supported")
     if getattr(cc, "kv_cache_dtype_skip_layers", None):
         reasons.append("--kv-cache-dtype-skip-layers is not supported with kvarn (the recipe sets per-layer bits)")
-    for name, size in (("tensor", pc.tensor_parallel_size), ("pipeline", pc.pipeline_parallel_size),
+    tp, kv_heads = pc.tensor_parallel_size, source.formats[0].num_kv_heads
+    if tp > 1 and (kv_heads % tp if tp <= kv_heads else tp % kv_heads):
+        reasons.append(f"--tensor-parallel-size {tp} cannot split {kv_heads} KV heads evenly (vLLM splits them in "
+                       f"equal blocks or replicates one per rank); use a size that divides {kv_heads} or a multiple of it")
+    for name, size in (("pipeline", pc.pipeline_parallel_size),
                        ("decode-context", getattr(pc, "decode_context_parallel_size", 1))):
         if size != 1:
             reasons.append(f"{name} parallelism ({size}) is not supported yet")
@@ -210,13 +214,24 @@ def prepare_engine_args(args) -> object:
 
 def finish_engine_config(vllm_config, spec: str) -> None:
     """Checks that need the model config; sizes the fp16 staging inside an explicit KV budget."""
-    from ..runtime.paged import load_source, staging_slots
+    from ..parallel import rank_kv_heads
+    from ..runtime.paged import load_source, rank_bytes_per_token, staging_slots, tp_page_bytes
 
     source = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
     reasons = validate(source, vllm_config)
     if reasons:
         raise KvarnError(f"kvarn cannot serve {vllm_config.model_config.model}: {'; '.join(reasons)}")
     cc = vllm_config.cache_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:  # every rank holds its heads' pages and staging; the budget is per rank
+        per_rank = rank_bytes_per_token(source, tp)
+        padded = sum(tp_page_bytes(source, tp)) / source.tile
+        lost = 1 - sum(per_rank) / (tp * padded)
+        logger.info("kvarn: tensor-parallel %d: bytes per token per rank %s, pages padded to %.1f (vLLM needs one page "
+                    "size per layer on all ranks): %.1f%% of the cache is padding (a recipe calibrated with "
+                    "--tp-size %d keeps it below one width step per layer)", tp, [round(b, 1) for b in per_rank],
+                    padded, 100 * lost, tp)
+        source = source.shard(rank_kv_heads(source.formats[0].num_kv_heads, tp, 0))
     slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, source.keep_first_tile)
     staging = slots * source.staging_slot_bytes()
     if cc.kv_cache_memory_bytes is not None:  # an explicit budget: the fp16 staging lives inside it

@@ -172,3 +172,23 @@ def test_store_nothing(device):
     empty = torch.zeros(0, 1, 64, 64, device=device)
     tri.store_tiles(lay, pages, empty, empty, torch.zeros(0, dtype=torch.int32, device=device))
     assert torch.equal(pages, before), "pages changed by an empty store"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_store_saturates_scale_at_fp16_max(device):
+    """A group whose range exceeds fp16's (values near ±65504, 1- and 2-bit codes, no normalization):
+    the scale saturates at 65504 as in ``rtn._params`` instead of rounding to inf, so the decoded tile
+    is finite and equals the reference's."""
+    gen = torch.Generator().manual_seed(11)
+    lay = _layout(64, 64, (1, 2), (2, 1), "none", "none", False, True, False, False, "rtn", gen)
+    x = torch.rand(1, 2, 64, 64, generator=gen) * 2 - 1
+    x[..., 0, :] = 1.0
+    x[..., 1, :] = -1.0  # every group (channel or token) spans the whole range
+    k = v = (x * 60000.0).to(device)
+    ids = torch.tensor([1], dtype=torch.int32, device=device)
+    pages = torch.zeros(3, lay.nbytes, dtype=torch.uint8, device=device)
+    want, got = _store(ref, lay, pages, k, v, ids), _store(tri, lay, pages, k, v, ids)
+    for name, (a, b) in zip("KV", zip(lay.decode(got[1:2].cpu()), lay.decode(want[1:2].cpu()))):
+        assert torch.isfinite(b).all(), f"reference {name}: not finite"
+        assert torch.isfinite(a).all(), f"kernel {name}: decoded tile has inf/NaN (scale overflowed fp16)"
+        assert torch.allclose(a, b, rtol=1e-3, atol=1.0), f"kernel {name}: differs from the reference"

@@ -41,6 +41,13 @@ def partial_attention(q, k, v, scale, valid=None, softcap=None):
     return torch.einsum("mhn,hnd->mhd", p, vv.float()), lse
 
 
+def causal_attention(q, k, v, scale, softcap=None):
+    """q ``[T, Hq, D]``, k/v ``[T, H, D]``: causal attention of a chunk over its own keys → (o, lse)."""
+    t = q.shape[0]
+    pos = torch.arange(t, device=q.device)
+    return partial_attention(q, k.transpose(0, 1), v.transpose(0, 1), scale, pos[None, :] <= pos[:, None], softcap)
+
+
 def merge(o1, lse1, o2, lse2):
     """Combine two partial attentions over disjoint key sets (natural-log lse)."""
     m = torch.maximum(lse1, lse2)

@@ -520,7 +520,7 @@ def layout_splits(layout: PageLayout, batch: int, max_tiles: int, device: torch.
 
 # the decode configuration measured best on the H200 (bench/kernels_gpu.py sweep, 2026-12-02):
 # 2 warps, 64-token sub-tiles, 3 cp.async stages, scale vectors prefetched one step ahead
-DEFAULTS = dict(bt=64, num_warps=2, num_stages=3, prefetch=True)
+DEFAULTS = dict(bt=64, num_warps=2, num_stages=3, prefetch=True, streams=False)
 
 
 def default_cvt(t: torch.Tensor) -> int:
@@ -536,7 +536,7 @@ def _config(layout: PageLayout, bt, num_warps, num_stages, prefetch) -> tuple:
 
 
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
-                  toks, scale, splits, bt, num_warps, num_stages, prefetch, cvt, maxnreg=None):
+                  toks, scale, splits, bt, num_warps, num_stages, prefetch, cvt, maxnreg=None, streams=False):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     _, hq, d = q.shape
@@ -553,8 +553,17 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
     launches = [(grp, *group_launch(layout, grp.k_bits, grp.v_bits, num_warps)) for grp in tables.groups]
     if any(k_rot for *_, k_rot in launches):
         q_rot = torch.matmul(q.float(), tables.hadamard)
-    for grp, consts, warps, k_rot in launches:
+    side = _side_streams(q.device, len(launches)) if streams and len(launches) > 1 and q.is_cuda else None
+    if side is not None:  # fork: each head group's launch on its own stream, joined below
+        forked = torch.cuda.current_stream(q.device)
+        ready = torch.cuda.Event()
+        ready.record(forked)
+    for n, (grp, consts, warps, k_rot) in enumerate(launches):
         qk = q_rot if k_rot else q
+        if side is not None:
+            side[n].wait_event(ready)
+            ctx = torch.cuda.stream(side[n])
+            ctx.__enter__()
         _paged_kernel[(n_rows, len(grp.heads), splits)](
             qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
             u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static,
@@ -564,6 +573,23 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
             ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch), **consts,
             num_warps=warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
+        if side is not None:
+            ctx.__exit__(None, None, None)
+            done = torch.cuda.Event()
+            done.record(side[n])
+            forked.wait_event(done)
+
+
+@functools.lru_cache(maxsize=4)
+def _stream_pool(device: torch.device, n: int) -> tuple:
+    return tuple(torch.cuda.Stream(device) for _ in range(n))
+
+
+def _side_streams(device: torch.device, n: int) -> tuple:
+    """``n`` side streams of ``device`` (created once; the launches of a mix's head groups each fill
+    only part of the GPU, so they run side by side; capture-safe: fork/join by events)."""
+    pool = _stream_pool(device, max(4, triton.next_power_of_2(n)))
+    return pool[:n]
 
 
 def _swap_basis(tables, x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -589,7 +615,7 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
            scale, out=None, num_splits=None, bt=None, num_warps=None, num_stages=None, cvt=None, workspace=None,
-           prefetch=None, maxnreg=None):
+           prefetch=None, maxnreg=None, streams=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -605,7 +631,7 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
     cfg = _config(layout, bt, num_warps, num_stages, prefetch)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
-                  *cfg, cvt, maxnreg=maxnreg)
+                  *cfg, cvt, maxnreg=maxnreg, streams=DEFAULTS["streams"] if streams is None else streams)
     group = hq // layout.num_kv_heads
     _staged_kernel[(bsz, layout.num_kv_heads)](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,

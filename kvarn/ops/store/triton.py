@@ -112,7 +112,8 @@ def _multiplier(log_s):
 def _params(lo, hi, LEVELS: tl.constexpr, MIN_SCALE: tl.constexpr):
     """``rtn._params``: fp16-exact (scale, zero) of groups with range [lo, hi]."""
     scale = tl.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
-    scale = tl.maximum(scale, MIN_SCALE).to(tl.float16).to(tl.float32)
+    # saturate at fp16's largest finite number like rtn._params: inf would make every code NaN
+    scale = tl.minimum(tl.maximum(scale, MIN_SCALE), 65504.0).to(tl.float16).to(tl.float32)
     zero = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
     return scale, zero
 
@@ -134,7 +135,7 @@ def _clip_candidate(x, mid, half, r, AXIS: tl.constexpr, LEVELS: tl.constexpr, M
     lo = mid - half * r
     hi = mid + half * r
     s = tl.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
-    s = tl.maximum(s, MIN_SCALE).to(tl.float16).to(tl.float32)
+    s = tl.minimum(tl.maximum(s, MIN_SCALE), 65504.0).to(tl.float16).to(tl.float32)
     z = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
     se = tl.expand_dims(s, AXIS)
     ze = tl.expand_dims(z, AXIS)
