@@ -165,7 +165,6 @@ def calibrate(
     from .models import load_config, resolve_device, resolve_dtype
     from .parallel import head_groups_for_tp
     from .quant.formats import SUPPORTED_TILES, TensorFormat
-    from .quant.hadamard import check_head_dim
     from .stats import compute_stats
 
     t0 = time.time()
@@ -190,7 +189,7 @@ def calibrate(
     config = loaded.model.config if loaded is not None else load_config(model, revision, trust_remote_code)
     name = loaded.model_id if loaded is not None else (model or "the embedded model")
     D = _config_shape(config, name)[2]
-    check_head_dim(D, f"{name}: head_dim")
+    preflight.check_attention(config, name, D)
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise KvarnError(f"--tp-size {tp_size!r}: must be an integer >= 1")
     head_groups = head_groups_for_tp(_config_shape(config, name)[1], tp_size) if tp_size > 1 else None
@@ -388,7 +387,9 @@ def evaluate(
         if name not in PRESETS:
             raise KvarnError(f"--methods: unknown method {printable(name, 60)}; valid methods are {list(PRESETS)}")
     config = loaded.model.config if loaded is not None else load_config(model, revision, trust_remote_code)
-    L, H, D = _config_shape(config, loaded.model_id if loaded is not None else (model or "the embedded model"))
+    model_name = loaded.model_id if loaded is not None else (model or "the embedded model")
+    L, H, D = _config_shape(config, model_name)
+    preflight.check_attention(config, model_name, D, rotates=any(n.startswith("kvarn-") for n in names))
     for path, r in recipes:
         r.check_model(config, path)
     schemes = {"fp16": None}

@@ -12,6 +12,9 @@ windows: per layer and KV head it accumulates
   output. The latter is the allocation objective: it weighs an error by how much the rest of the
   network amplifies it. The per-window ``δ`` tensors live only until the backward pass of their
   window has used them.
+
+Models with attention-logit soft-capping (Gemma-2) are captured with their cap applied to every
+score, exact and candidate alike (``softcap``, see ``kvarn.model_hook``).
 """
 
 from __future__ import annotations
@@ -85,13 +88,13 @@ class KVCapture:
         return x.reshape(b, num_kv_heads, hq // num_kv_heads, t).sum(2)
 
     # -- handler ------------------------------------------------------------------------------
-    def attend(self, layer_idx, q, k, v, bias, scaling):
+    def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
         cfg, li = self.cfg, layer_idx
         L, H, D = self.shape
         for name, x in (("queries", q), ("keys", k), ("values", v)):
             self._check_finite(li, name, x)
         k16, v16 = k.float().half().float(), v.float().half().float()
-        out = mixed_attention(q, k16, v16, None, None, None, bias, scaling)
+        out = mixed_attention(q, k16, v16, None, None, None, bias, scaling, softcap)
         with torch.no_grad():
             kd, vd, qd = k16.detach(), v16.detach(), q.detach().float()
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
@@ -118,7 +121,7 @@ class KVCapture:
                 for j, bits in enumerate(cfg.candidate_bits):
                     x_hat = fake_quantize_sequence(x, fmt.with_bits((bits,) * H), cfg.tile, cfg.keep_first_tile, prior, cfg.iters)
                     k_hat, v_hat = (x_hat, None) if kind == "k" else (None, x_hat)
-                    delta = mixed_attention(qd, k16.detach(), v16.detach(), k_hat, v_hat, mask, bias, scaling) - base
+                    delta = mixed_attention(qd, k16.detach(), v16.detach(), k_hat, v_hat, mask, bias, scaling, softcap) - base
                     self.mse[kind][li, :, j] += self._group((delta * delta).sum(-1), H).sum(dim=(0, 2)).double().cpu()
                     deltas.append((kind, j, delta.to(torch.bfloat16)))
         if out.requires_grad:

@@ -6,12 +6,18 @@ transformers' public ``AttentionInterface`` (and an eager additive mask through
 ``handler``. The handler sees the tensors exactly as an inference engine caches them: post-RoPE
 keys and values ``[B, H, T, D]`` before any GQA repeat, and queries ``[B, Hq, Tq, D]``.
 
-A handler has one method: ``attend(layer_idx, q, k, v, bias, scaling) -> [B, Hq, Tq, D]``.
+A handler has one method: ``attend(layer_idx, q, k, v, bias, scaling) -> [B, Hq, Tq, D]``; for a
+model with attention-logit soft-capping (Gemma-2's ``attn_logit_softcapping``, which transformers
+passes to the attention function as ``softcap``) it is called with ``softcap=cap`` as well, and
+must apply ``scores = cap * tanh(scores / cap)`` before the mask and softmax. A handler that takes
+no ``softcap`` keyword is refused in one line on such a model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 
@@ -25,8 +31,9 @@ _registered = False
 def _kvarn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
         raise KvarnError(f"{type(module).__name__}: attention sinks are not supported by kvarn yet; use a model without them")
-    if kwargs.get("softcap") or getattr(module.config, "attn_logit_softcapping", None):
-        raise KvarnError(f"{type(module).__name__}: attention logit soft-capping is not supported by kvarn yet")
+    # the model passes its cap (Gemma-2: softcap=config.attn_logit_softcapping); None/0: no capping
+    softcap = kwargs.get("softcap") if "softcap" in kwargs else getattr(module.config, "attn_logit_softcapping", None)
+    softcap = float(softcap) if softcap else None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     handler = getattr(module, "_kvarn_handler", None)
@@ -35,10 +42,20 @@ def _kvarn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
     if handler is None:
-        out = mixed_attention(query, key, value, None, None, None, attention_mask, scaling)
-    else:
+        out = mixed_attention(query, key, value, None, None, None, attention_mask, scaling, softcap)
+    elif softcap is None:
         out = handler.attend(module.layer_idx, query, key, value, attention_mask, scaling)
+    elif _takes_softcap(type(handler)):
+        out = handler.attend(module.layer_idx, query, key, value, attention_mask, scaling, softcap=softcap)
+    else:
+        raise KvarnError(f"{type(module).__name__}: attention logit soft-capping (cap {softcap:g}) is not supported by "
+                         f"{type(handler).__name__} yet; use a model without attn_logit_softcapping")
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=32)
+def _takes_softcap(handler_type) -> bool:
+    return "softcap" in inspect.signature(handler_type.attend).parameters
 
 
 def register() -> None:

@@ -5,7 +5,9 @@ line naming the flag that was used).
 * the memory target (``--avg-bits`` or ``--compression``): a finite number in range, and reachable
   by the format (the smallest layout it can store, scales included);
 * the window length (``--seq-len``): within the model's context (``max_position_embeddings``),
-  and its peak memory (estimated from the config) within the memory this machine has available.
+  and its peak memory (estimated from the config) within the memory this machine has available;
+* the attention (``check_attention``): a head_dim kvarn's rotation supports (64, 80, 96, 128,
+  256) and, where the config has one, a positive finite attention-logit soft-cap (Gemma-2).
 
 The memory estimate (``window_bytes``) was fitted to kvarn calibrate on SmolLM2-135M (float32, one
 window; peak RSS above the loaded model at 512/1024/2048 tokens: 1.48/2.44/4.46 GiB, i.e. ≈0.55 GiB
@@ -27,6 +29,23 @@ from .errors import KvarnError
 
 _FIXED_BYTES = 0.55 * 2**30  # tokenized text, autograd bookkeeping, allocator slack (measured)
 GIB = 2**30
+
+
+def check_attention(config, name: str, head_dim: int, rotates: bool = True) -> None:
+    """What kvarn needs of the model's attention, from its config alone (before any weights load).
+
+    ``rotates``: whether anything asked for rotates (Hadamard) K/V, which needs a supported
+    head_dim; sliding-window layers and soft-capping (``attn_logit_softcapping``) are supported.
+    """
+    from .quant.hadamard import check_head_dim
+
+    if rotates:
+        check_head_dim(head_dim, f"{name}: head_dim")
+    cap = getattr(_text_config(config), "attn_logit_softcapping", None)
+    if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap)
+                                and cap >= 0):
+        raise KvarnError(f"{name}: attn_logit_softcapping={cap!r} in its config is not a number >= 0; "
+                         "fix the config (null or 0 turns soft-capping off)")
 
 
 def budget_bits(avg_bits: float | None, compression: float | None, default: float) -> tuple[float, str]:

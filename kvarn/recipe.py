@@ -30,7 +30,7 @@ field                                  type        range / rule
 ``fingerprint.num_layers``             int         1 .. 4096
 ``fingerprint.num_kv_heads``           int         1 .. 1024
 ``fingerprint.num_attention_heads``    int         1 .. 16384, a multiple of num_kv_heads
-``fingerprint.head_dim``               int         64, 128 or 256 (``SUPPORTED_HEAD_DIMS``)
+``fingerprint.head_dim``               int         64, 80, 96, 128 or 256 (``SUPPORTED_HEAD_DIMS``)
 ``fingerprint.hidden_size``            int         1 .. 2**20
 ``fingerprint.vocab_size``             int         1 .. 2**24
 ``fingerprint.rope``                   str         JSON text, <= 4096 chars

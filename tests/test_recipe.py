@@ -169,8 +169,8 @@ def _edit_info(key, value):
 def test_unsupported_tile_head_dim_and_options(tmp_path, good):
     p = _resave(good, tmp_path / "tile.safetensors", meta_change=_edit_info("tile", 96))
     assert_error(lambda: Recipe.load(p), "tile.safetensors", "tile=96")
-    p = _resave(good, tmp_path / "hd.safetensors", meta_change=_edit_info(("fingerprint", "head_dim"), 80))
-    assert_error(lambda: Recipe.load(p), "hd.safetensors", "head_dim=80")
+    p = _resave(good, tmp_path / "hd.safetensors", meta_change=_edit_info(("fingerprint", "head_dim"), 72))
+    assert_error(lambda: Recipe.load(p), "hd.safetensors", "head_dim=72")
     p = _resave(good, tmp_path / "opt.safetensors", meta_change=_edit_info(("k_format", "normalize"), "sometimes"))
     assert_error(lambda: Recipe.load(p), "opt.safetensors", "normalize")
     p = _resave(good, tmp_path / "json.safetensors", meta_change=lambda m: m.update(recipe="{not json"))

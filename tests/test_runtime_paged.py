@@ -44,10 +44,10 @@ def test_layout_round_trip_matches_codec(d, v_norm):
 
 
 def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=0, shuffle_blocks=True,
-         fp16_inputs=True, device="cpu", prefill="tiled", dtype=torch.float32):
+         fp16_inputs=True, device="cpu", prefill="tiled", dtype=torch.float32, softcap=None):
     """Feed len(seq_chunks) sequences of T tokens; chunk lists give query lengths per step (the
     engine's tensors on ``device``; the reference always on the CPU). ``prefill="raw"``: the
-    reference is ``_raw_reference``."""
+    reference is ``_raw_reference``. ``softcap``: returns (out, the capped reference, the uncapped one)."""
     torch.manual_seed(seed)
     n = len(seq_chunks)
     q = torch.randn(n, T, HQ, d)
@@ -81,25 +81,44 @@ def _run(source: CacheSource, seq_chunks: list[list[int]], T: int, d: int, seed=
         kb = torch.cat([k[i, a:b] for i, a, b in rows]).to(device, dtype)
         vb = torch.cat([v[i, a:b] for i, a, b in rows]).to(device, dtype)
         ob = torch.zeros_like(qb)
-        attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob, prefill=prefill)
+        attend_layer(lay, source.keep_first_tile, pages, staging, steps, qb, kb, vb, d ** -0.5, ob, prefill=prefill,
+                     softcap=softcap)
         ob = ob.float().cpu()
         at = 0
         for i, a, b in rows:
             out[i, a:b] = ob[at:at + b - a]
             at += b - a
     if prefill == "raw":
-        return out, _raw_reference(source, seq_chunks, q, k, v, d)
+        return out, _raw_reference(source, seq_chunks, q, k, v, d, softcap)
     scheme = CacheScheme("t", list(source.formats), source.keep_first_tile, source.k_log_std, source.v_log_std)
     causal = torch.full((T, T), float("-inf")).triu(1)
-    ref = torch.stack([
-        SchemeAttention(scheme).attend(0, q[i].transpose(0, 1)[None], k[i].transpose(0, 1)[None],
-                                       v[i].transpose(0, 1)[None], causal, d ** -0.5)[0].transpose(0, 1)
+    refs = [SchemeAttention(scheme).attend] + ([] if softcap is None else [_capped_reference(scheme, softcap)])
+    refs = [torch.stack([
+        attend(0, q[i].transpose(0, 1)[None], k[i].transpose(0, 1)[None],
+               v[i].transpose(0, 1)[None], causal, d ** -0.5)[0].transpose(0, 1)
         for i in range(n)
-    ])
-    return out, ref
+    ]) for attend in refs]
+    return (out, refs[0]) if softcap is None else (out, refs[1], refs[0])
 
 
-def _raw_reference(source: CacheSource, seq_chunks, q, k, v, d):
+def _capped_reference(scheme, softcap):
+    """``SchemeAttention.attend`` with soft-capped scores (explicit-score reference attention)."""
+    from kvarn.quant.attention import mixed_attention_ref, quantized_read_mask
+    from kvarn.quant.codec import fake_quantize_sequence
+
+    def attend(layer, q, k, v, bias, scaling):
+        fmt = scheme.layers[layer]
+        k16, v16 = k.half().float(), v.half().float()
+        k_hat = fake_quantize_sequence(k16, fmt.k, fmt.tile, scheme.keep_first_tile, scheme.k_log_std[layer])
+        v_hat = fake_quantize_sequence(v16, fmt.v, fmt.tile, scheme.keep_first_tile, scheme.v_log_std[layer])
+        pos = torch.arange(k.shape[-2])
+        mask = quantized_read_mask(pos, pos, fmt.tile, scheme.keep_first_tile)
+        return mixed_attention_ref(q, k16, v16, k_hat, v_hat, mask, bias, scaling, softcap)
+
+    return attend
+
+
+def _raw_reference(source: CacheSource, seq_chunks, q, k, v, d, softcap=None):
     """The serving read of prefill (``prefill="raw"``), computed independently with explicit scores:
     a query of a chunk starting at ``a`` reads tiles completed before the chunk (below ``a // G``)
     quantized, except the first if kept, and every other key up to itself exactly (fp16)."""
@@ -122,7 +141,7 @@ def _raw_reference(source: CacheSource, seq_chunks, q, k, v, d):
             quant = quant.expand(n, T)
             bias = torch.where(pos[None, :] <= qp[:, None], 0.0, float("-inf"))
             rows.append(mixed_attention_ref(q[i, a:a + n].transpose(0, 1)[None], k16, v16, k_hat, v_hat, quant,
-                                            bias, d ** -0.5)[0].transpose(0, 1))
+                                            bias, d ** -0.5, softcap)[0].transpose(0, 1))
             a += n
         outs.append(torch.cat(rows))
     return torch.stack(outs)
@@ -165,6 +184,32 @@ def test_chunked_prefill_and_decode_match_reference(keep_first, d):
     out, ref = _run(src, chunks, T, d)
     err = (out - ref).abs().max().item()
     assert err < 2e-4, f"max |paged - reference| = {err:.2e}"
+
+
+def test_softcap_and_head_dim_96_prefill_and_decode_match_capped_reference():
+    """head_dim 96 and Gemma-2-style soft-capping (cap 1.0 against scores of a few units: it bends
+    most of them) through prefill chunks and decode, against the reference with capped scores."""
+    torch.manual_seed(4)
+    d = 96
+    src = CacheSource("t", (_format(d),), True, torch.randn(1, H, d) * 0.2, torch.randn(1, H, d) * 0.2)
+    T = 2 * G + 29
+    chunks = [[T - 4] + [1] * 4, [50, 78, 1] + [1] * (T - 129)]
+    out, ref, uncapped = _run(src, chunks, T, d, softcap=1.0)
+    err = (out - ref).abs().max().item()
+    assert err < 2e-4, f"max |paged - capped reference| = {err:.2e}"
+    assert (uncapped - ref).abs().max().item() > 100 * err, "test is vacuous: the cap changed nothing"
+
+
+def test_raw_prefill_with_softcap_and_head_dim_80():
+    """The serving read of prefill (``prefill="raw"``) with a cap, at head_dim 80."""
+    torch.manual_seed(5)
+    d = 80
+    src = CacheSource("t", (_format(d),), True, torch.randn(1, H, d) * 0.2, torch.randn(1, H, d) * 0.2)
+    T = 2 * G + 29
+    chunks = [[70, 50, 1] + [1] * (T - 121), [T]]  # chunks start mid-tile and end across tile edges
+    out, ref = _run(src, chunks, T, d, prefill="raw", softcap=1.0)
+    err = (out - ref).abs().max().item()
+    assert err < 2e-4, f"max |raw paged - capped raw reference| = {err:.2e}"
 
 
 def test_chunked_prefill_and_decode_with_triton_ops(monkeypatch):

@@ -334,10 +334,70 @@ def test_bad_model_or_block_size_fail_before_allocation(model_dir, recipe_path, 
     msg = _one_line_error(lambda: _engine_args(model_dir, kv_cache_dtype="kvarn", block_size=64,
                                                additional_config={"kvarn_recipe": recipe_path}).create_engine_config())
     assert "--block-size 64" in msg and "128" in msg
-    odd = _fake_model(tmp_path, model_dir, "hd80", head_dim=80, hidden_size=720)
+    odd = _fake_model(tmp_path, model_dir, "hd72", head_dim=72, hidden_size=648)  # 80 and 96 are supported
     msg = _one_line_error(lambda: _engine_args(odd, kv_cache_dtype="kvarn",
                                                additional_config={"kvarn_recipe": "kvarn-k4v2-g128"}).create_engine_config())
-    assert "head_dim" in msg and "80" in msg
+    assert "head_dim" in msg and "72" in msg
+
+
+def test_head_dim_80_model_with_its_recipe_agrees_with_the_reference(lm, tmp_path):
+    """head_dim 80 (the Paley Hadamard, no padding): a tiny random Llama-shaped model with a recipe
+    calibrated beside it (found automatically) is served and matches the transformers reference."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvarn import api
+
+    cfg = LlamaConfig(vocab_size=len(lm.tokenizer), hidden_size=160, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=80, max_position_embeddings=2048,
+                      torch_dtype="float32")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    d = tmp_path / "hd80"
+    model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    recipe, _ = api.calibrate(str(d), calib="wiki:first", num_samples=1, seq_len=300, avg_bits=3.0, progress=False)
+    assert recipe.fingerprint.head_dim == 80 and (d / "kvarn" / "recipe.safetensors").is_file()
+    from kvarn.data import load_text
+
+    text, _ = load_text("wiki:second")
+    ids = lm.tokenizer(text[:20000])["input_ids"]
+    prompts = [ids[100:400], ids[3000:3333]]
+    llm = _llm(str(d), kv_cache_dtype="kvarn")
+    try:
+        outs = _generate(llm, prompts, max_tokens=8, prompt_logprobs=20)
+    finally:
+        del llm
+    ref_lm = SimpleNamespace(model=model)
+    all_d, early, gap = [], [], []
+    for p, o in zip(prompts, outs):
+        rows, ref = _diffs(ref_lm, recipe.to_scheme(), p, o)
+        all_d += [x for _, x in rows]
+        early += [x for pos, x in rows if pos < 2 * G]
+        ref16 = _reference_logprobs(ref_lm, None, p + list(o.outputs[0].token_ids))
+        gap.append((ref - ref16).abs().gather(-1, ref.topk(20, -1).indices)[2 * G:].flatten())
+    dd, gap = torch.tensor(all_d), torch.cat(gap)
+    assert max(early) < 0.05, "positions that read no quantized tile must agree to float error"
+    assert dd.mean() < 0.3 * gap.mean(), (dd.mean(), gap.mean())
+
+
+def test_gemma2_is_refused_for_its_sliding_window_not_its_softcap(model_dir, tmp_path):
+    """Soft-capping is plumbed (vLLM's logits_soft_cap reaches kvarn's reader); Gemma-2's
+    sliding-window layers are not supported: one line at engine start, naming them."""
+    from transformers import Gemma2Config
+
+    g2 = Gemma2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)
+    d = tmp_path / "gemma2"
+    d.mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (d / f.name).symlink_to(f)
+    (d / "config.json").write_text(json.dumps(g2.to_dict()))
+    msg = _one_line_error(lambda: _engine_args(str(d), kv_cache_dtype="kvarn",
+                                               additional_config={"kvarn_recipe": "kvarn-k4v2-g128"}).create_engine_config())
+    assert "sliding-window" in msg and "soft-capping" not in msg, msg
 
 
 def test_unsupported_vllm_version_fails_with_a_clear_message(model_dir, monkeypatch):

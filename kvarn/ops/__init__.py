@@ -12,9 +12,12 @@ implementation runs: Triton on CUDA tensors when triton imports, the reference o
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,3 +35,23 @@ def backend(t: torch.Tensor) -> str:
     if forced in ("reference", "triton"):
         return forced
     return "triton" if t.is_cuda and triton_available() else "reference"
+
+
+def triton_unsupported(op: str, head_dim: int, softcap: float | None = None) -> str | None:
+    """Why the Triton kernel of ``op`` cannot run this layer (None: it can). The kernels index
+    ``tl.arange(0, D)``, so D must be a power of two, and the decode kernel has no soft-capping.
+    The first time a reason comes up it is logged in one line; the caller runs the reference op."""
+    reason = None
+    if head_dim & (head_dim - 1):
+        reason = f"head_dim {head_dim} is not a power of two"
+    elif softcap and op == "decode":
+        reason = "attention-logit soft-capping"
+    if reason is not None:
+        _warn_once(op, reason)
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(op: str, reason: str) -> None:
+    logger.warning("kvarn: the Triton %s kernel does not support %s; using the PyTorch reference op (slower)",
+                   op, reason)

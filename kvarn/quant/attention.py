@@ -33,12 +33,14 @@ def mixed_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_hat: torch.Tensor | None, v_hat: torch.Tensor | None,
     read_quantized: torch.Tensor | None, bias: torch.Tensor | None, scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference (explicit scores) for ``mixed_attention``: attention ``[B, Hq, Tq, D]`` where reads marked in ``read_quantized [Tq, Tk]`` use
     ``k_hat``/``v_hat`` and the others ``k``/``v`` (all ``[B, H, Tk, D]``, H divides Hq).
 
     ``bias``: additive mask broadcastable to ``[B, Hq, Tq, Tk]`` (causal/sliding/padding), or None.
-    ``k_hat``/``v_hat`` None means that tensor is read exactly.
+    ``k_hat``/``v_hat`` None means that tensor is read exactly. ``softcap`` (Gemma-2's
+    ``attn_logit_softcapping``): scores become ``softcap * tanh(scores / softcap)`` before the mask.
     """
     groups = q.shape[1] // k.shape[1]
     qf = q.float()
@@ -47,6 +49,8 @@ def mixed_attention_ref(
         scores_q = qf @ _expand_kv(k_hat.float(), groups).transpose(-1, -2)
         scores = torch.where(read_quantized, scores_q, scores)
     scores = scores * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.float()
     probs = torch.softmax(scores, dim=-1)
@@ -60,13 +64,17 @@ def mixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_hat: torch.Tensor | None, v_hat: torch.Tensor | None,
     read_quantized: torch.Tensor | None, bias: torch.Tensor | None, scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same result as ``mixed_attention_ref``, through one fused SDPA call.
 
     Every key appears twice, quantized then exact (``[k_hat; k]``, length 2Tk), and the mask lets
     each query see exactly one copy of each key; so the softmax runs over the same set of scores.
     ~5x faster on CPU than materialising two score matrices, and it uses GQA without copying K/V.
+    SDPA has no soft-capping: with ``softcap`` this is ``mixed_attention_ref``.
     """
+    if softcap:
+        return mixed_attention_ref(q, k, v, k_hat, v_hat, read_quantized, bias, scaling, softcap)
     q = q.float()
     if k_hat is None and v_hat is None:
         keys, vals, mask = k.float(), v.float(), bias

@@ -152,8 +152,9 @@ class KVarNLayer(DynamicLayer):
         raise NotImplementedError("KVarNCache does not support dropping batch rows")
 
     # -- reading (kvarn attention handler) -----------------------------------------------------
-    def attend(self, q, k, v, bias, scaling):
-        """Attention of new queries ``q [B, Hq, Tq, D]`` over this layer's read view ``k, v``.
+    def attend(self, q, k, v, bias, scaling, softcap=None):
+        """Attention of new queries ``q [B, Hq, Tq, D]`` over this layer's read view ``k, v``
+        (``softcap``: the model's attention-logit cap, applied to every score; None: none).
 
         Keys in tiles that completed inside the current chunk are read quantized by the chunk's
         later queries: their quantized form is computed here exactly as ``_flush`` will store it.
@@ -176,7 +177,7 @@ class KVarNLayer(DynamicLayer):
             v_hat[:, :, s:e] = fake_quantize_sequence(v[:, :, s:e], self.fmt.v, g, False, self.v_log_std.to(v.device))
         pos = torch.arange(t, device=k.device)
         mask = quantized_read_mask(pos[t - q.shape[-2]:], pos, g, self.keep_first_tile)
-        return mixed_attention(q, k, v, k_hat, v_hat, mask, bias, scaling)
+        return mixed_attention(q, k, v, k_hat, v_hat, mask, bias, scaling, softcap)
 
 
 class KVarNCache(Cache):
@@ -201,7 +202,7 @@ class KVarNCache(Cache):
 
             install(model, self)
 
-    def attend(self, layer_idx, q, k, v, bias, scaling):
+    def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
         layer = self.layers[layer_idx]
         if layer._view is not k:
             # the model runs with another cache (a later plain generate()): this one is finished, so
@@ -211,8 +212,8 @@ class KVarNCache(Cache):
                 from ..model_hook import uninstall
 
                 uninstall(model)
-            return mixed_attention(q, k, v, None, None, None, bias, scaling)
-        return layer.attend(q, k, v, bias, scaling)
+            return mixed_attention(q, k, v, None, None, None, bias, scaling, softcap)
+        return layer.attend(q, k, v, bias, scaling, softcap)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

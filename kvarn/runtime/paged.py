@@ -320,7 +320,7 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
                        i64(store_index), i32(store_blocks), tuple(dec))
 
 
-def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out) -> None:
+def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None) -> None:
     """Decode rows with no Python per sequence: write the token to staging, encode tiles it
     completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op)."""
     rows = batch.rows
@@ -331,14 +331,14 @@ def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k,
         done = slots[batch.store_index]
         store_tiles(layout, pages, staging[done, 0], staging[done, 1], batch.store_blocks)
     o = decode(layout, pages, staging, q[rows], batch.block_table, batch.page_start, batch.q_tile, batch.first_slot,
-               batch.cur_slot, batch.cur_len, scale)
+               batch.cur_slot, batch.cur_len, scale, softcap)
     out[rows] = o.to(out.dtype)
 
 
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled",
+    out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled", softcap: float | None = None,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -350,19 +350,20 @@ def attend_layer(
     ``prefill``: how a chunk reads the tiles it completes itself — ``"tiled"`` as the reference
     (quantized for its later tiles' queries), ``"raw"`` as serving engines do (the chunk attends
     over its own raw keys with FlashAttention; only what was cached before the chunk is read from
-    the cache: quantized tiles, fp16 first tile and open tail).
+    the cache: quantized tiles, fp16 first tile and open tail). ``softcap``: the model's
+    attention-logit cap (Gemma-2), applied to every score; None: none.
     """
     if prefill not in ("tiled", "raw"):
         raise ValueError(f"prefill must be 'tiled' or 'raw', not {prefill!r}")
     if batch is None:
         batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
     if batch is not None:
-        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out)
+        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
         spans = _stage(layout, keep_first_tile, pages, staging, steps, k, v)
         reader = _read_tiled if prefill == "tiled" else _read_raw
-        reader(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out)
+        reader(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out, softcap)
 
 
 def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], k, v) -> list:
@@ -412,15 +413,15 @@ def _block_table(steps: list[SeqStep], g: int) -> torch.Tensor:
     return table
 
 
-def _causal_placeholder(q, span_k, span_v, scale, out, rows) -> None:
+def _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap=None) -> None:
     n_q = rows.stop - rows.start
     pos = torch.arange(n_q, device=q.device)
-    o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None])
+    o, _ = partial_attention(q[rows], span_k, span_v, scale, pos[None, :] <= pos[:, None], softcap)
     out[rows] = o.to(out.dtype)
 
 
 def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
-              scale: float, out) -> None:
+              scale: float, out, softcap: float | None = None) -> None:
     """Prefill as serving engines read it: the chunk's own tokens over each other with causal
     FlashAttention on the step's raw keys/values; what the cache held before the chunk — the fp16
     first tile, the tiles completed earlier (dequantized once per chunk: a paged read per 4-token
@@ -430,11 +431,11 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
     for i, st in enumerate(steps):
         rows = slice(st.q_start, st.q_end)
         if st.dummy:
-            _causal_placeholder(q, *spans[i], scale, out, rows)
+            _causal_placeholder(q, *spans[i], scale, out, rows, softcap)
             continue
         if st.q_end <= st.q_start:
             continue
-        o, lse = causal_attention(q[rows], k[rows], v[rows], scale)
+        o, lse = causal_attention(q[rows], k[rows], v[rows], scale, softcap)
         t_c, n_old = st.ctx // g, st.ctx - (st.ctx // g) * g
         first_fp16 = keep_first_tile and t_c >= 1 and st.first_slot is not None
         page_start = 1 if (keep_first_tile and (t_c == 0 or st.first_slot is not None)) else 0
@@ -452,13 +453,13 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
             keys.append(spans[i][0][:, :n_old].float())
             vals.append(spans[i][1][:, :n_old].float())
         if keys:
-            o_p, lse_p = dense_attention(q[rows], torch.cat(keys, 1), torch.cat(vals, 1), scale)
+            o_p, lse_p = dense_attention(q[rows], torch.cat(keys, 1), torch.cat(vals, 1), scale, softcap)
             o, lse = merge(o, lse, o_p, lse_p)
         out[rows] = o.to(out.dtype)
 
 
 def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
-                scale: float, out) -> None:
+                scale: float, out, softcap: float | None = None) -> None:
     """Any rows, read as the reference defines (per sequence in Python: prefill chunks are few per step).
 
     ``paged_attention`` reads, for every query, the completed tiles below its own from the pages
@@ -480,14 +481,14 @@ def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps
         o_q, lse_q = paged_attention(layout, pages, q[rows], torch.tensor(q_seq, device=dev),
                                      torch.tensor(q_tile, dtype=torch.int32, device=dev),
                                      torch.tensor(page_start, dtype=torch.int32, device=dev),
-                                     _block_table(live, g).to(dev), scale)
+                                     _block_table(live, g).to(dev), scale, softcap)
     at = 0
     for i, st in enumerate(steps):  # the fp16 part, merged with the quantized part
         rows = slice(st.q_start, st.q_end)
         n_q = st.q_end - st.q_start
         span_k, span_v = spans[i]
         if st.dummy:
-            _causal_placeholder(q, span_k, span_v, scale, out, rows)
+            _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap)
             continue
         t_c = st.ctx // g
         first_fp16 = keep_first_tile and (t_c == 0 or st.first_slot is not None)
@@ -500,7 +501,7 @@ def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps
         q_pos = torch.arange(st.ctx, st.seq, device=dev)
         own = (k_pos[None, :] // g == q_pos[:, None] // g) & (k_pos[None, :] <= q_pos[:, None])
         first = (k_pos[None, :] < g) & (q_pos[:, None] >= g) if first_fp16 else torch.zeros_like(own)
-        o16, lse16 = partial_attention(q[rows], keys, vals, scale, own | first)
+        o16, lse16 = partial_attention(q[rows], keys, vals, scale, own | first, softcap)
         o, _ = merge(o_q[at:at + n_q], lse_q[at:at + n_q], o16, lse16)
         at += n_q
         out[rows] = o.to(out.dtype)

@@ -176,7 +176,7 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
 
         unsupported = [name for name, bad in (
             ("ALiBi", alibi_slopes is not None), ("sliding window", sliding_window is not None),
-            ("logit soft-capping", bool(logits_soft_cap)), ("attention sinks", sinks is not None),
+            ("attention sinks", sinks is not None),
             (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
             ("KV sharing across layers", kv_sharing_target_layer_name is not None)) if bad]
         if unsupported:
@@ -184,6 +184,8 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = num_kv_heads, kv_cache_dtype
         self.attn_type, self.sliding_window = attn_type, None
+        # Gemma-2-style attention-logit soft-capping: applied to every score (kvarn.runtime.paged)
+        self.logits_soft_cap = float(logits_soft_cap) if logits_soft_cap else None
         self.kv_sharing_target_layer_name = None
         self.cache = engine_cache(get_current_vllm_config())
         self.layer_idx: int | None = None
@@ -218,7 +220,8 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
                      attn_metadata.steps, query[:n].view(n, self.num_heads, self.head_size),
                      key[:n].view(n, self.num_kv_heads, self.head_size),
                      value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
-                     batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled")
+                     batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled",
+                     softcap=self.logits_soft_cap)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

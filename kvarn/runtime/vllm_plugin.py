@@ -163,8 +163,6 @@ def validate(source, vllm_config) -> list[str]:
         reasons.append("hybrid (Mamba/linear-attention) models are not supported")
     if mc.get_sliding_window() is not None or any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
         reasons.append("sliding-window layers are not supported")
-    if getattr(text, "attn_logit_softcapping", None):
-        reasons.append("attention logit soft-capping is not supported")
     if getattr(cc, "kv_cache_dtype_skip_layers", None):
         reasons.append("--kv-cache-dtype-skip-layers is not supported with kvarn (the recipe sets per-layer bits)")
     tp, kv_heads = pc.tensor_parallel_size, source.formats[0].num_kv_heads

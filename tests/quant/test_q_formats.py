@@ -43,6 +43,8 @@ def hand_bits(kb, vb, g, d, k_norm=True, v_norm=True):
 
 @pytest.mark.parametrize("kb,vb,d,expected", [
     (4, 2, 64, 3.5625), (4, 2, 128, 3.375), (4, 4, 64, 4.5625), (2, 2, 64, 2.5625),
+    # head_dim 80 (Phi-2, StableLM-3B) and 96 (Phi-3): no padding, the D-channel formula
+    (4, 2, 80, 3.4875), (4, 2, 96, 3.4375), (3, 3, 80, 3.4875),
 ])
 def test_kvarn_bits_per_element_anchors(kb, vb, d, expected):
     assert hand_bits(kb, vb, 128, d) == expected  # the hand formula agrees with the anchor
@@ -51,6 +53,25 @@ def test_kvarn_bits_per_element_anchors(kb, vb, d, expected):
         assert got == expected, f"K{kb}V{vb} hd{d} x{heads} heads: bits/element {got} != {expected}"
     bpt = bytes_per_token(kvarn_layer(kb, vb, d, heads=2))
     assert bpt == expected * 2 * 2 * d / 8, f"bytes_per_token {bpt} != {expected * 2 * 2 * d / 8}"
+
+
+@pytest.mark.parametrize("d,k_tile,v_tile", [
+    # kvarn calibrate's formats (K: per-channel RTN, no normalization; V: static scale, per-token
+    # RTN) at tile 128, K4 / V2, by hand: K 128*D*4/8 + 4*D, V 128*D*2/8 + 4*128
+    (80, 5120 + 320, 2560 + 512), (96, 6144 + 384, 3072 + 512),
+])
+def test_recipe_formats_bytes_at_head_dim_80_96(d, k_tile, v_tile):
+    from kvarn.ops.layout import PageLayout
+
+    layer = LayerFormat(d, 128, TensorFormat((4, 4), "channel", "none", clip=True),
+                        TensorFormat((2, 2), "token", "static", clip=True))
+    assert tile_bytes(layer) == 2 * (k_tile + v_tile)
+    assert bytes_per_token(layer) == 2 * (k_tile + v_tile) / 128
+    assert bits_per_element([layer]) == 8 * (k_tile + v_tile) / 128 / (2 * d)
+    # the page layout agrees byte for byte, with every field 16-byte aligned (asserted inside), at every width
+    for kb, vb in itertools.product(ALL_BITS, ALL_BITS):
+        lay = LayerFormat(d, 64, TensorFormat((kb, 4), "channel", "tile"), TensorFormat((vb, 2), "token", "tile"))
+        assert PageLayout(lay, torch.zeros(2, d), torch.zeros(2, d)).nbytes == tile_bytes(lay), (kb, vb)
 
 
 def test_kivi2_anchor():
@@ -112,7 +133,7 @@ VARIANTS = [
 
 
 @settings(max_examples=40, deadline=None)
-@given(variant=st.sampled_from(VARIANTS), tile=st.sampled_from([64, 128]), d=st.sampled_from([64, 128]),
+@given(variant=st.sampled_from(VARIANTS), tile=st.sampled_from([64, 128]), d=st.sampled_from([64, 80, 96, 128]),
        bits=st.lists(st.sampled_from(ALL_BITS), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1))
 def test_head_tile_bytes_equals_stored_bytes(variant, tile, d, bits, seed):
     fmt = TensorFormat(tuple(bits), **variant)

@@ -51,10 +51,48 @@ def test_hadamard_matches_entry_formula(d):
     assert err <= 1e-15, f"H vs (-1)^popcount(i&j)/sqrt(D): max abs err {err:.3e} > 1e-15 at D={d}"
 
 
-@pytest.mark.parametrize("d", [0, 3, 6, 80, 96, 100])
-def test_hadamard_matrix_rejects_non_power_of_two(d):
-    with pytest.raises(KvarnError):
+# D = 12·2^k and 20·2^k: Paley II ⊗ Sylvester (head_dim 96 = 12·8, 80 = 20·4)
+PALEY = [12, 20, 24, 40, 48, 80, 96, 160, 192]
+
+
+@pytest.mark.parametrize("d", PALEY)
+def test_paley_hadamard_orthonormal_symmetric_with_equal_magnitudes(d):
+    """A Hadamard matrix: entries ±1/sqrt(D) and H Hᵀ = I (the defining property, checked in
+    float64); symmetric, so ``rotate`` is its own exact inverse."""
+    h = hadamard_matrix(d, dtype=torch.float64)
+    assert h.shape == (d, d)
+    eye = torch.eye(d, dtype=torch.float64)
+    err = (h @ h.T - eye).abs().max().item()
+    assert err <= 1e-12, f"H @ H.T - I: max abs err {err:.3e} > 1e-12 at D={d}"
+    assert torch.equal(h, h.T), f"H is not symmetric at D={d}"
+    signs = h * math.sqrt(d)
+    assert torch.equal(signs.round(), signs) and set(signs.flatten().tolist()) == {-1.0, 1.0}, f"entries not ±1/sqrt(D) at D={d}"
+    # every channel is spread over every other one (no block structure): all entries nonzero above
+    assert (h != 0).all()
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_rotate_80_96_exact_inverse_and_preserves_dots(d):
+    gen = torch.Generator().manual_seed(d)
+    q = torch.randn(3, 37, d, generator=gen, dtype=torch.float64) * 3
+    k = torch.randn(3, 37, d, generator=gen, dtype=torch.float64) * 3
+    k[..., 5] += 40.0  # an outlier channel: the rotation spreads it over all D channels
+    rq, rk = rotate(q), rotate(k)
+    inv = (rotate(rq) - q).abs().max().item()
+    assert inv <= 1e-12, f"rotate(rotate(q)) - q at D={d}: {inv:.3e}"
+    derr = ((rq * rk).sum(-1) - (q * k).sum(-1)).abs().max().item()
+    assert derr <= 1e-9, f"rotated dot products differ by {derr:.3e} at D={d}"
+    assert rk.abs().amax(-1).mean() < 0.4 * k.abs().amax(-1).mean(), "the outlier was not spread"
+    # float32 close to float64 (what the runtime uses)
+    err = (rotate(q.float()).double() - rq).abs().max().item()
+    assert err <= 1e-4, f"float32 rotate vs float64 at D={d}: {err:.3e}"
+
+
+@pytest.mark.parametrize("d", [0, 3, 6, 36, 72, 100, 112])
+def test_hadamard_matrix_rejects_sizes_without_a_construction(d):
+    with pytest.raises(KvarnError) as ei:
         hadamard_matrix(d)
+    assert str(d) in str(ei.value)
 
 
 @settings(max_examples=30, deadline=None)
@@ -97,12 +135,12 @@ def test_rotate_float32_close_to_float64():
     assert err <= 1e-5, f"float32 rotate vs float64 reference: max abs err {err:.3e} > 1e-5"
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
 def test_check_head_dim_accepts(d):
     check_head_dim(d)
 
 
-@pytest.mark.parametrize("d", [80, 96, 100])
+@pytest.mark.parametrize("d", [72, 100, 160])
 def test_check_head_dim_rejects_with_one_line_message(d):
     with pytest.raises(KvarnError) as ei:
         check_head_dim(d)

@@ -10,6 +10,9 @@ Two parts, merged by their log-sum-exp:
   (``cur_slot``, ``cur_len`` tokens, the step's own key already written there).
 
 Log-sum-exps are natural logs; a row with nothing to read gets output 0 and lse -inf.
+``softcap`` (Gemma-2's ``attn_logit_softcapping``; None: none): every score ``s = q·k·scale``
+becomes ``softcap * tanh(s / softcap)`` before the softmax. The cap acts on each score alone, so
+partial attentions over disjoint key sets still merge exactly by their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from ..layout import PageLayout, stored_form
 NEG_INF = float("-inf")
 
 
-def partial_attention(q, k, v, scale, valid=None):
+def partial_attention(q, k, v, scale, valid=None, softcap=None):
     """q ``[M, Hq, D]``, k/v ``[H, N, D]`` (GQA), valid bool ``[M, N]`` or None → (o, lse)."""
     hq, h = q.shape[1], k.shape[0]
     kk = k.repeat_interleave(hq // h, 0)  # [Hq, N, D]
     vv = v.repeat_interleave(hq // h, 0)
     s = torch.einsum("mhd,hnd->mhn", q.float(), kk.float()) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if valid is not None:
         s = s.masked_fill(~valid[:, None, :], NEG_INF)
     lse = torch.logsumexp(s, -1)  # [M, Hq]
@@ -36,11 +41,11 @@ def partial_attention(q, k, v, scale, valid=None):
     return torch.einsum("mhn,hnd->mhd", p, vv.float()), lse
 
 
-def causal_attention(q, k, v, scale):
+def causal_attention(q, k, v, scale, softcap=None):
     """q ``[T, Hq, D]``, k/v ``[T, H, D]``: causal attention of a chunk over its own keys → (o, lse)."""
     t = q.shape[0]
     pos = torch.arange(t, device=q.device)
-    return partial_attention(q, k.transpose(0, 1), v.transpose(0, 1), scale, pos[None, :] <= pos[:, None])
+    return partial_attention(q, k.transpose(0, 1), v.transpose(0, 1), scale, pos[None, :] <= pos[:, None], softcap)
 
 
 def merge(o1, lse1, o2, lse2):
@@ -53,7 +58,7 @@ def merge(o1, lse1, o2, lse2):
     return o, m + torch.log(tot)
 
 
-def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale):
+def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, block_table, scale, softcap=None):
     """q ``[T, Hq, D]``; q_seq/q_tile int ``[T]``; page_start int ``[B]``; block_table ``[B, NB]``.
 
     Returns ``(o [T, Hq, D] float32, lse [T, Hq] float32)`` over the quantized pages.
@@ -78,13 +83,13 @@ def paged_attention(layout: PageLayout, pages, q, q_seq, q_tile, page_start, blo
         qb = q[rows].float()
         qb = torch.where(rows_k[None, :, None], qb @ had, qb)
         tile_of = torch.arange(start, end, device=q.device).repeat_interleave(g)
-        ob, lb = partial_attention(qb, kh, vh, scale, tile_of[None, :] < lim[:, None])
+        ob, lb = partial_attention(qb, kh, vh, scale, tile_of[None, :] < lim[:, None], softcap)
         o[rows] = torch.where(rows_v[None, :, None], ob @ had, ob)
         lse[rows] = lb
     return o, lse
 
 
-def staged_attention(staging, q, first_slot, cur_slot, cur_len, scale):
+def staged_attention(staging, q, first_slot, cur_slot, cur_len, scale, softcap=None):
     """q ``[B, Hq, D]`` (one token per sequence); staging ``[S, 2, H, G, D]`` fp16; slots int ``[B]``."""
     bsz, hq, d = q.shape
     g = staging.shape[3]
@@ -101,19 +106,19 @@ def staged_attention(staging, q, first_slot, cur_slot, cur_len, scale):
             vs.append(staging[int(cur_slot[b]), 1, :, :n])
         if not ks:
             continue
-        ob, lb = partial_attention(q[b:b + 1], torch.cat(ks, 1), torch.cat(vs, 1), scale)
+        ob, lb = partial_attention(q[b:b + 1], torch.cat(ks, 1), torch.cat(vs, 1), scale, softcap=softcap)
         o[b], lse[b] = ob[0], lb[0]
     return o, lse
 
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-           scale):
+           scale, softcap=None):
     """One query token per sequence → ``[B, Hq, D]`` float32.
 
     Sequence b reads pages of tiles ``[page_start[b], q_tile[b])`` quantized (``q_tile``: the tile
     its query sits in) and its staged fp16 tokens (``staged_attention``).
     """
     seq = torch.arange(q.shape[0], device=q.device)
-    o1, l1 = paged_attention(layout, pages, q, seq, q_tile, page_start, block_table, scale)
-    o2, l2 = staged_attention(staging, q, first_slot, cur_slot, cur_len, scale)
+    o1, l1 = paged_attention(layout, pages, q, seq, q_tile, page_start, block_table, scale, softcap)
+    o2, l2 = staged_attention(staging, q, first_slot, cur_slot, cur_len, scale, softcap)
     return merge(o1, l1, o2, l2)[0]
