@@ -26,12 +26,12 @@ from kvarn.recipe import Recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX_TOKENS = 300  # tokens 128-255 are read quantized by the continuation (tokens 256+)
-MC_DOCS, GEN_DOCS = 4, 3  # small: every choice is one forward pass, three models run (2 cores in CI)
+MC_DOCS, GEN_DOCS = 4, 2  # small: every choice is one forward pass, three models run (2 cores in CI)
 
 
 def _write_tasks(tokenizer, folder: Path) -> Path:
     """Two tasks in ``folder``: ``kvarn_wiki_next`` (multiple choice: which of two 16-token
-    continuations follows the context) and ``kvarn_wiki_gen`` (generate_until: 10 greedy tokens)."""
+    continuations follows the context) and ``kvarn_wiki_gen`` (generate_until: 6 greedy tokens)."""
     from kvarn.data import load_text
 
     text, _ = load_text("wiki:second")
@@ -47,7 +47,7 @@ def _write_tasks(tokenizer, folder: Path) -> Path:
             f.write(json.dumps({"context": ctx, "choices": choices, "label": label}) + "\n")
     with open(folder / "gen.jsonl", "w") as f:
         for j, (ctx, cont) in enumerate(pieces[MC_DOCS:]):
-            f.write(json.dumps({"context": ctx[: len(ctx) - 59 * j], "target": cont}) + "\n")  # three lengths: padding
+            f.write(json.dumps({"context": ctx[: len(ctx) - 59 * j], "target": cont}) + "\n")  # two lengths: a padded batch
     common = "dataset_path: json\ntest_split: test\ndoc_to_text: context\n"
     (folder / "next.yaml").write_text(
         f"task: kvarn_wiki_next\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'next.jsonl'}\n"
@@ -56,7 +56,7 @@ def _write_tasks(tokenizer, folder: Path) -> Path:
     (folder / "gen.yaml").write_text(
         f"task: kvarn_wiki_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
         "output_type: generate_until\ndoc_to_target: target\n"
-        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 10\n  do_sample: false\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n")
     return folder
 
@@ -109,23 +109,23 @@ def test_loglikelihood_reads_the_quantized_cache(smollm, tasks):
 
 
 def test_generate_until_uses_kvarncache_row_by_row(smollm, tasks):
-    """generate_until with a left-padded batch of three prompt lengths gives, per prompt, the tokens
+    """generate_until with a left-padded batch of two prompt lengths gives, per prompt, the tokens
     of ``model.generate`` with a ``KVarNCache`` on that prompt alone."""
     from kvarn.lm_eval import KVarNLM
     from kvarn.model_hook import uninstall
     from kvarn.runtime.hf_cache import KVarNCache
 
     model, tok = smollm.model, smollm.tokenizer
-    lm = KVarNLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", recipe=str(EMBEDDED_RECIPE))
+    lm = KVarNLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu", recipe=str(EMBEDDED_RECIPE))
     out = _run(lm, tasks, ["kvarn_wiki_gen"])
     rows = sorted(out["samples"]["kvarn_wiki_gen"], key=lambda s: s["doc_id"])
     docs = [json.loads(line) for line in (tasks / "gen.jsonl").read_text().splitlines()]
     assert len(rows) == len(docs) == GEN_DOCS
     for s, doc in zip(rows, docs):
-        ids = torch.tensor([tok(doc["context"])["input_ids"]])
+        ids = torch.tensor([lm.tok_encode(doc["context"])])  # lm-eval's encoding of the prompt
         try:
             with torch.no_grad():
-                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                                      past_key_values=KVarNCache(lm.recipe, model), pad_token_id=tok.pad_token_id)
         finally:
             uninstall(model)
