@@ -20,6 +20,7 @@ import torch
 from . import preflight
 from .errors import KvarnError, printable
 from .outputs import check_output, is_png
+from .paths import shipped_dir
 from .recipe import (DEFAULT_NAME, ModelFingerprint, Recipe, in_model_dir, is_recipe_file, legacy_hint,
                      legacy_in_model_dir, output_path, read_header)
 from .report import provenance, strict
@@ -96,7 +97,7 @@ def default_recipe_path(model_spec: str | None) -> Path:
     return Path(DEFAULT_NAME)
 
 
-SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SHIPPED_RECIPES = shipped_dir("recipes")  # the repository's recipes/, or the copy inside the wheel
 EMBEDDED_RECIPE = SHIPPED_RECIPES / "smollm2-135m-instruct.safetensors"
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kvarn.errors import KvarnError
-from kvarn.paths import kind_of, path_problem
+from kvarn.paths import kind_of, path_problem, shipped_dir
 
 # --------------------------------------------------------------------------------------------------
 # cache directory and atomic writes
@@ -507,8 +507,8 @@ _SPEC_TYPES = {"name": str, "source": str, "num_samples": int, "seq_len": int, "
 
 
 def calib_dir() -> Path:
-    """The ``calibrate/`` folder at the repository root (next to the ``kvarn`` package)."""
-    return Path(__file__).resolve().parents[1] / "calibrate"
+    """The shipped ``calibrate/`` folder (the repository's, or the copy inside an installed wheel)."""
+    return shipped_dir("calibrate")
 
 
 def available_calib_specs() -> list[str]:

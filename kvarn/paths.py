@@ -47,3 +47,21 @@ def kind_of(path: str | os.PathLike) -> str:
     if p.is_socket():
         return "a socket"
     return "not a regular file"
+
+
+SHIPPED_DIRS = ("calibrate", "recipes")
+
+
+def shipped_dir(name: str) -> Path:
+    """The folder of data kvarn ships: ``calibrate`` (calibration specs) or ``recipes``.
+
+    In a source checkout (and an editable install) these are the repository's top-level folders,
+    next to the ``kvarn`` package. A wheel carries them inside the package as ``kvarn/_data/<name>``
+    (``setup.py`` maps them there at build time), so an installed kvarn finds them without the
+    repository.
+    """
+    if name not in SHIPPED_DIRS:
+        raise ValueError(f"unknown shipped folder {name!r}; valid names are {list(SHIPPED_DIRS)}")
+    package = Path(__file__).resolve().parent
+    inside = package / "_data" / name
+    return inside if inside.is_dir() else package.parent / name

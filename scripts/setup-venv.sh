@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv/ at the repo root and install kvarn into it (idempotent).
 #   bash scripts/setup-venv.sh          # runtime + data extras (what the quickstart needs)
-#   bash scripts/setup-venv.sh test     # plus the test extras
+#   bash scripts/setup-venv.sh test     # plus the test and lm-eval extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="data"
-[[ "${1:-}" == "test" ]] && extras="data,test"
+[[ "${1:-}" == "test" ]] && extras="data,test,lm-eval"  # lm-eval: tests/test_lm_eval.py (not in .venv-vllm)
 PY="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   echo "== creating .venv"
