@@ -10,7 +10,9 @@ from kvarn import api
 from kvarn.errors import KvarnError
 from kvarn.recipe import Recipe
 
-from conftest import one_line
+
+def one_line(msg: str) -> bool:
+    return "\n" not in msg.strip() and len(msg.strip()) > 0
 
 
 def test_calibrate_balanced_for_tp_records_it(smollm, tmp_path):
