@@ -53,23 +53,29 @@ def _group_dim(fmt: TensorFormat) -> int:
     return -2 if fmt.axis == "channel" else -1
 
 
+def _multiplier(x, fmt: TensorFormat, log_std, iters):
+    """The fp16-exact scale (broadcastable to rotated tiles ``x [..., G, D]``) that normalization
+    divides by and the reader multiplies back, or None (per tile from ``x``, or static from the prior)."""
+    d = x.shape[-1]
+    if fmt.normalize == "tile":
+        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
+        log_r, log_c = variance_normalize(x, iters, prior)
+        stored = log_r if fmt.axis == "channel" else log_c
+        return torch.exp(stored).clamp(6.2e-5, 65504.0).half().float()
+    if fmt.normalize == "static":
+        return _static_scale(log_std, d, x.device)
+    return None
+
+
 def _rotate_and_normalize(x, fmt: TensorFormat, log_std, iters):
     """The encoder's common front: rotate, then divide by the normalization multiplier.
 
     Returns ``(x / mult, mult)`` where ``mult`` (fp16-exact float32, broadcastable to x) is the
     per-token (channel axis) or per-channel (token axis) scale the reader multiplies back, or None.
     """
-    d = x.shape[-1]
     if fmt.hadamard:
         x = rotate(x)
-    mult = None
-    if fmt.normalize == "tile":
-        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
-        log_r, log_c = variance_normalize(x, iters, prior)
-        stored = log_r if fmt.axis == "channel" else log_c
-        mult = torch.exp(stored).clamp(6.2e-5, 65504.0).half().float()
-    elif fmt.normalize == "static":
-        mult = _static_scale(log_std, d, x.device)
+    mult = _multiplier(x, fmt, log_std, iters)
     return (x if mult is None else x / mult), mult
 
 
@@ -117,15 +123,7 @@ _CHUNK_ELEMENTS = 1 << 18
 
 def _fake_quantize_rotated(x, fmt: TensorFormat, bits: int, log_std, iters) -> torch.Tensor:
     """Normalize, RTN round trip and un-normalize of rotated tiles ``x [..., G, D]`` (float32)."""
-    d = x.shape[-1]
-    mult = None
-    if fmt.normalize == "tile":
-        prior = None if log_std is None else log_std.float().reshape(*log_std.shape[:-1], 1, d)
-        log_r, log_c = variance_normalize(x, iters, prior)
-        stored = log_r if fmt.axis == "channel" else log_c
-        mult = torch.exp(stored).clamp(6.2e-5, 65504.0).half().float()
-    elif fmt.normalize == "static":
-        mult = _static_scale(log_std, d, x.device)
+    mult = _multiplier(x, fmt, log_std, iters)
     y = fake_quantize_rtn(x if mult is None else x / mult, bits, _group_dim(fmt), fmt.clip)
     return y if mult is None else y.mul_(mult)
 
