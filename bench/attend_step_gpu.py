@@ -102,6 +102,7 @@ def measure(name: str, lay: PageLayout, bsz: int, ctx: int, n_steps: int) -> dic
     from kvarn.ops.decode import decode
 
     _, batch = step_plan(table, blocks, pos)
+    pos = [p + 1 for p in pos]  # a step is planned once (a plan that completes a tile frees its slot)
     row["decode_op_ms"] = bench(lambda: decode(lay, pages, staging, q, batch.block_table, batch.page_start,
                                                batch.q_tile, batch.first_slot, batch.cur_slot, batch.cur_len, scale))
     # the decode-row path in a graph: a step where no tile completes (a store would be another graph)

@@ -313,11 +313,26 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
         if st.seq % g == 0:
             store_index.append(j)
             store_blocks.append(st.blocks[t_q])
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    i64 = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return DecodeBatch(i64(cols["rows"]), i32(table), i32(cols["page_start"]), i32(cols["q_tile"]),
-                       i32(cols["first_slot"]), i32(cols["cur_slot"]), i32(cols["cur_len"]), i64(cols["write_pos"]),
-                       i64(store_index), i32(store_blocks), tuple(dec))
+    b, n_store = len(dec), len(store_index)
+    flat32 = to_device([v for row in table for v in row]
+                       + [v for name in ("page_start", "q_tile", "first_slot", "cur_slot", "cur_len") for v in cols[name]]
+                       + store_blocks, torch.int32, device)
+    flat64 = to_device(cols["rows"] + cols["write_pos"] + store_index, torch.int64, device)
+    at = b * width
+    c32 = [flat32[at + i * b: at + (i + 1) * b] for i in range(5)]
+    return DecodeBatch(flat64[:b], flat32[:at].view(b, width), *c32, flat64[b:2 * b], flat64[2 * b:],
+                       flat32[at + 5 * b:at + 5 * b + n_store], tuple(dec))
+
+
+def to_device(values: list[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a device tensor without a device sync: a plain copy from pageable memory
+    waits for all the GPU work queued before it, which stalls the host once per call (once per
+    layer, where a forward built its indices this way); pinned + non_blocking only queues the copy."""
+    host = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None) -> None:
@@ -400,7 +415,7 @@ def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: lis
             staging[st.new_slot, 0, :, :tail] = span_k[:, -tail:]
             staging[st.new_slot, 1, :, :tail] = span_v[:, -tail:]
     if new_ids:
-        store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), torch.tensor(new_ids, device=dev))
+        store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), to_device(new_ids, torch.int64, dev))
     return spans
 
 
@@ -444,7 +459,7 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
             keys.append(staging[st.first_slot, 0].float())
             vals.append(staging[st.first_slot, 1].float())
         if t_c > page_start:
-            ids = torch.tensor(st.blocks[page_start:t_c], device=pages.device, dtype=torch.long)
+            ids = to_device(st.blocks[page_start:t_c], torch.long, pages.device)
             kq, vq = layout.decode(pages[ids])  # [H, n, G, D] float32, model basis
             h, n, _, d = kq.shape
             keys.append(kq.reshape(h, n * g, d))

@@ -50,7 +50,7 @@ from ..errors import KvarnError
 from ..parallel import rank_kv_heads
 from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
                     staging_slots, tp_page_bytes)
-from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _model_shape
+from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _Compat, _model_shape
 
 STORAGE_DTYPE = torch.uint8
 
@@ -98,14 +98,14 @@ class EngineCache:
         g = self.source.tile
         n = common.num_reqs
         qsl = common.query_start_loc_cpu[: n + 1].tolist()
-        seq_lens = common.seq_lens[:n].cpu().tolist()
-        table = common.block_table_tensor[:n].cpu()
+        seq_lens, table = _Compat.host_step_inputs(common, n)  # host copies: no device sync
+        rows = table[:, : max([-(-s // g) for s in seq_lens], default=0)].tolist()  # one conversion per step
         seqs = []
         for i in range(n):
             qs, qe, s = qsl[i], qsl[i + 1], seq_lens[i]
             if qe <= qs:
                 continue
-            seqs.append((qs, qe, s - (qe - qs), s, table[i, : -(-s // g)].tolist()))
+            seqs.append((qs, qe, s - (qe - qs), s, rows[i][: -(-s // g)]))
         self._last_plan = self.table.plan(seqs)
         self._last_batch = decode_batch(self._last_plan, g, self.source.keep_first_tile, self.device)
         self._last_common = common

