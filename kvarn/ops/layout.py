@@ -155,7 +155,9 @@ class PageLayout:
     # -- reference codec (PyTorch) -----------------------------------------------------------------
     def _prior(self, kind: str, heads: list[int], device) -> torch.Tensor | None:
         p = self.priors[kind]
-        return None if p is None else p.to(device)[heads][:, None, :]  # [h, 1, D]
+        if p is None:
+            return None
+        return _on_device(p, torch.device(device))[_head_index(heads, device)][:, None, :]  # [h, 1, D]
 
     def _by_bits(self, kind: str) -> list[tuple[int, list[int]]]:
         bits = self.formats[kind].bits
@@ -201,8 +203,37 @@ class PageLayout:
                     f16 = lambda name, shape: parts[name].view(torch.float16).reshape(shape)  # noqa: E731
                     enc = EncodedTiles(bits, parts["codes"].reshape(h, n, g, d * bits // 8), f16("scale", pshape),
                                        f16("zero", pshape), f16("norm", nshape) if "norm" in parts else None)
-                out[kind][heads] = decode_tiles(enc, read_fmt, d, self._prior(kind, heads, rec.device))
+                out[kind][_head_index(heads, rec.device)] = decode_tiles(enc, read_fmt, d,
+                                                                         self._prior(kind, heads, rec.device))
         return out["k"], out["v"]
+
+
+def _head_index(heads: list[int], device) -> slice | torch.Tensor:
+    """``heads`` as an index a device tensor takes without a host→device copy: a slice where they
+    are consecutive, else a cached device tensor (a Python list index is copied from pageable memory
+    on every use, which waits for the GPU: two device syncs per layer in the H200 prefill profile)."""
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return _index_tensor(tuple(heads), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tensor(heads: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+_device_copies: dict = {}
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied once per (tensor, device) (recipe priors live on the host)."""
+    if t.device == device:
+        return t
+    key = (id(t), device)
+    hit = _device_copies.get(key)
+    if hit is None or hit[0] is not t:
+        hit = _device_copies[key] = (t, t.to(device))
+    return hit[1]
 
 
 @functools.lru_cache(maxsize=256)

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.decode import causal_attention, decode, dense_attention, merge, paged_attention, partial_attention
+from ..ops.decode import decode, merge, paged_attention, partial_attention, varlen_attention
 from ..ops.layout import PageLayout, check_storable
 from ..parallel import rank_kv_heads
 from ..ops.store import store_tiles
+from ..ops.transfer import to_device
 from ..quant.formats import tile_bytes
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class SeqStep:
     first_slot: int | None = None
     first_write: bool = False
     dummy: bool = False
+    row: int = -1  # the sequence's row in the engine's device block table (-1: none given)
 
 
 @dataclass
@@ -280,6 +282,7 @@ class DecodeBatch:
     store_index: torch.Tensor
     store_blocks: torch.Tensor
     steps: tuple  # the SeqSteps it covers (the rest of the step takes the general path)
+    row0: int = -1  # rows are row0, row0 + 1, ... (the usual case): read and written as views, no gathers
 
     @property
     def size(self) -> int:
@@ -320,40 +323,34 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
     flat64 = to_device(cols["rows"] + cols["write_pos"] + store_index, torch.int64, device)
     at = b * width
     c32 = [flat32[at + i * b: at + (i + 1) * b] for i in range(5)]
+    row0 = cols["rows"][0] if cols["rows"] == list(range(cols["rows"][0], cols["rows"][0] + b)) else -1
     return DecodeBatch(flat64[:b], flat32[:at].view(b, width), *c32, flat64[b:2 * b], flat64[2 * b:],
-                       flat32[at + 5 * b:at + 5 * b + n_store], tuple(dec))
-
-
-def to_device(values: list[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list as a device tensor without a device sync: a plain copy from pageable memory
-    waits for all the GPU work queued before it, which stalls the host once per call (once per
-    layer, where a forward built its indices this way); pinned + non_blocking only queues the copy."""
-    host = torch.tensor(values, dtype=dtype)
-    device = torch.device(device)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+                       flat32[at + 5 * b:at + 5 * b + n_store], tuple(dec), row0)
 
 
 def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None) -> None:
     """Decode rows with no Python per sequence: write the token to staging, encode tiles it
     completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op)."""
-    rows = batch.rows
+    # host time per op is what a decode layer costs (H200 profile: ~1 ms of host per layer against
+    # ~0.5 ms of kernels), so contiguous rows are taken as views and the output written in place
+    rows = slice(batch.row0, batch.row0 + batch.size) if batch.row0 >= 0 else batch.rows
     slots = batch.cur_slot.long()
-    staging[slots, 0, :, batch.write_pos] = k[rows].to(staging.dtype)
-    staging[slots, 1, :, batch.write_pos] = v[rows].to(staging.dtype)
+    staging[slots, :, :, batch.write_pos] = torch.stack([k[rows], v[rows]], 1).to(staging.dtype)
     if batch.store_index.numel():
         done = slots[batch.store_index]
         store_tiles(layout, pages, staging[done, 0], staging[done, 1], batch.store_blocks)
+    direct = batch.row0 >= 0 and out.dtype == q.dtype and out.is_contiguous()
     o = decode(layout, pages, staging, q[rows], batch.block_table, batch.page_start, batch.q_tile, batch.first_slot,
-               batch.cur_slot, batch.cur_len, scale, softcap)
-    out[rows] = o.to(out.dtype)
+               batch.cur_slot, batch.cur_len, scale, softcap, out=out[rows] if direct else None)
+    if not direct:
+        out[rows] = o.to(out.dtype)
 
 
 def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled", softcap: float | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -366,7 +363,9 @@ def attend_layer(
     (quantized for its later tiles' queries), ``"raw"`` as serving engines do (the chunk attends
     over its own raw keys with FlashAttention; only what was cached before the chunk is read from
     the cache: quantized tiles, fp16 first tile and open tail). ``softcap``: the model's
-    attention-logit cap (Gemma-2), applied to every score; None: none.
+    attention-logit cap (Gemma-2), applied to every score; None: none. ``block_table``: the
+    engine's device block table (row ``SeqStep.row`` per sequence): block ids of prefill chunks are
+    sliced from it on the device instead of copied from the host.
     """
     if prefill not in ("tiled", "raw"):
         raise ValueError(f"prefill must be 'tiled' or 'raw', not {prefill!r}")
@@ -376,18 +375,43 @@ def attend_layer(
         _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
-        spans = _stage(layout, keep_first_tile, pages, staging, steps, k, v)
-        reader = _read_tiled if prefill == "tiled" else _read_raw
-        reader(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out, softcap)
+        ids = _BlockIds(steps, block_table, pages.device)
+        spans = _stage(layout, keep_first_tile, pages, staging, steps, k, v, ids)
+        if prefill == "tiled":
+            _read_tiled(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out, softcap)
+        else:
+            _read_raw(layout, keep_first_tile, pages, staging, steps, spans, q, k, v, scale, out, softcap, ids)
 
 
-def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], k, v) -> list:
+class _BlockIds:
+    """Block ids ``blocks[a:b]`` of a step's sequence as an int64 device tensor: a slice of the
+    engine's device block table where there is one (no host→device copy in ``forward``), else a
+    copy of the host list."""
+
+    def __init__(self, steps: list[SeqStep], block_table: torch.Tensor | None, device):
+        self.table = block_table if block_table is not None and all(st.row >= 0 for st in steps) else None
+        self.device = device
+
+    def __call__(self, st: SeqStep, a: int, b: int) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[st.row, a:b].long()
+        return to_device(st.blocks[a:b], torch.int64, self.device)
+
+    def cat(self, parts: list[tuple[SeqStep, int, int]]) -> torch.Tensor:
+        if self.table is not None:
+            return torch.cat([self.table[st.row, a:b] for st, a, b in parts]).long()
+        return to_device([x for st, a, b in parts for x in st.blocks[a:b]], torch.int64, self.device)
+
+
+def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], k, v,
+           ids: _BlockIds | None = None) -> list:
     """Rows of prefill chunks and placeholders (per sequence in Python: chunks are few per step):
     each sequence's fp16 span (its open tail from staging + the step's keys/values, ``[H, n, D]``),
     every tile the step completes encoded (all sequences, one ``store_tiles``), first tiles and new
     open tails written to staging. Returns the spans."""
     g = layout.tile
     dev = k.device
+    ids = ids or _BlockIds(steps, None, dev)
     new_k, new_v, new_ids = [], [], []
     spans = []
     for st in steps:
@@ -406,7 +430,7 @@ def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: lis
             h, d = span_k.shape[0], span_k.shape[2]
             new_k.append(span_k[:, : (t_done - t_c) * g].reshape(h, -1, g, d).transpose(0, 1))
             new_v.append(span_v[:, : (t_done - t_c) * g].reshape(h, -1, g, d).transpose(0, 1))
-            new_ids.extend(st.blocks[t_c:t_done])
+            new_ids.append((st, t_c, t_done))
         if st.first_write:
             staging[st.first_slot, 0] = span_k[:, :g]
             staging[st.first_slot, 1] = span_v[:, :g]
@@ -415,7 +439,7 @@ def _stage(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: lis
             staging[st.new_slot, 0, :, :tail] = span_k[:, -tail:]
             staging[st.new_slot, 1, :, :tail] = span_v[:, -tail:]
     if new_ids:
-        store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), to_device(new_ids, torch.int64, dev))
+        store_tiles(layout, pages, torch.cat(new_k), torch.cat(new_v), ids.cat(new_ids))
     return spans
 
 
@@ -436,13 +460,16 @@ def _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap=None) -> No
 
 
 def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
-              scale: float, out, softcap: float | None = None) -> None:
-    """Prefill as serving engines read it: the chunk's own tokens over each other with causal
-    FlashAttention on the step's raw keys/values; what the cache held before the chunk — the fp16
-    first tile, the tiles completed earlier (dequantized once per chunk: a paged read per 4-token
-    row block re-read the whole past for every block, O(chunk x past) bytes) and the open tail —
-    attended densely (FlashAttention) and merged by log-sum-exp. A first chunk is FlashAttention alone."""
-    g = layout.tile
+              scale: float, out, softcap: float | None = None, ids: _BlockIds | None = None) -> None:
+    """Prefill as serving engines read it: each chunk attends causally over what the cache held
+    before it — the fp16 first tile, the tiles completed earlier (dequantized once per chunk: a
+    paged read per 4-token row block re-read the whole past for every block) and the open tail —
+    followed by the step's own raw keys/values. All chunks of the step go to one
+    ``varlen_attention`` (vLLM's FlashAttention on a GPU: one launch, GQA, no merge)."""
+    g, h, d = layout.tile, layout.num_kv_heads, layout.head_dim
+    ids = ids or _BlockIds(steps, None, pages.device)
+    cast = q.dtype if q.is_cuda else torch.float32  # FlashAttention's operand dtype; exact on the CPU
+    q_parts, k_parts, v_parts, row_spans, cu_q, cu_k = [], [], [], [], [0], [0]
     for i, st in enumerate(steps):
         rows = slice(st.q_start, st.q_end)
         if st.dummy:
@@ -450,27 +477,38 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
             continue
         if st.q_end <= st.q_start:
             continue
-        o, lse = causal_attention(q[rows], k[rows], v[rows], scale, softcap)
         t_c, n_old = st.ctx // g, st.ctx - (st.ctx // g) * g
         first_fp16 = keep_first_tile and t_c >= 1 and st.first_slot is not None
         page_start = 1 if (keep_first_tile and (t_c == 0 or st.first_slot is not None)) else 0
-        keys, vals = [], []  # the past, in token order: [H, n, D] pieces
+        keys, vals = [], []  # [n, H, D] pieces in token order: the past (st.ctx tokens), then the chunk
         if first_fp16:
-            keys.append(staging[st.first_slot, 0].float())
-            vals.append(staging[st.first_slot, 1].float())
+            keys.append(staging[st.first_slot, 0].transpose(0, 1))
+            vals.append(staging[st.first_slot, 1].transpose(0, 1))
         if t_c > page_start:
-            ids = to_device(st.blocks[page_start:t_c], torch.long, pages.device)
-            kq, vq = layout.decode(pages[ids])  # [H, n, G, D] float32, model basis
-            h, n, _, d = kq.shape
-            keys.append(kq.reshape(h, n * g, d))
-            vals.append(vq.reshape(h, n * g, d))
+            kq, vq = layout.decode(pages[ids(st, page_start, t_c)])  # [H, n, G, D] float32, model basis
+            keys.append(kq.reshape(h, -1, d).transpose(0, 1))
+            vals.append(vq.reshape(h, -1, d).transpose(0, 1))
         if n_old:
-            keys.append(spans[i][0][:, :n_old].float())
-            vals.append(spans[i][1][:, :n_old].float())
-        if keys:
-            o_p, lse_p = dense_attention(q[rows], torch.cat(keys, 1), torch.cat(vals, 1), scale, softcap)
-            o, lse = merge(o, lse, o_p, lse_p)
-        out[rows] = o.to(out.dtype)
+            keys.append(spans[i][0][:, :n_old].transpose(0, 1))
+            vals.append(spans[i][1][:, :n_old].transpose(0, 1))
+        keys.append(k[rows])
+        vals.append(v[rows])
+        k_parts += [x.to(cast) for x in keys]
+        v_parts += [x.to(cast) for x in vals]
+        q_parts.append(q[rows])
+        row_spans.append(rows)
+        cu_q.append(cu_q[-1] + st.q_end - st.q_start)
+        cu_k.append(cu_k[-1] + st.seq)
+    if not q_parts:
+        return
+    one = len(row_spans) == 1 and out.is_contiguous()
+    dst = out[row_spans[0]] if one else None
+    o = varlen_attention(torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts), cu_q, cu_k, scale, softcap,
+                         out=dst if dst is not None and dst.dtype == cast else None)
+    if o is dst:
+        return
+    for j, rows in enumerate(row_spans):
+        out[rows] = o[cu_q[j]:cu_q[j + 1]].to(out.dtype)
 
 
 def _read_tiled(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,

@@ -100,13 +100,16 @@ class EngineCache:
         qsl = common.query_start_loc_cpu[: n + 1].tolist()
         seq_lens, table = _Compat.host_step_inputs(common, n)  # host copies: no device sync
         rows = table[:, : max([-(-s // g) for s in seq_lens], default=0)].tolist()  # one conversion per step
-        seqs = []
+        seqs, row_of = [], []
         for i in range(n):
             qs, qe, s = qsl[i], qsl[i + 1], seq_lens[i]
             if qe <= qs:
                 continue
             seqs.append((qs, qe, s - (qe - qs), s, rows[i][: -(-s // g)]))
+            row_of.append(i)
         self._last_plan = self.table.plan(seqs)
+        for st, row in zip(self._last_plan, row_of):  # the sequence's row of the device block table
+            st.row = row
         self._last_batch = decode_batch(self._last_plan, g, self.source.keep_first_tile, self.device)
         self._last_common = common
         return self._last_plan, self._last_batch
@@ -148,6 +151,7 @@ class KvarnMetadata(AttentionMetadata):
     steps: list  # [SeqStep], one per scheduled sequence
     cache: EngineCache
     decode: DecodeBatch | None = None  # the single-token rows' device metadata (built once per step)
+    block_table: torch.Tensor | None = None  # vLLM's device block table (row = SeqStep.row)
 
 
 class KvarnMetadataBuilder(AttentionMetadataBuilder[KvarnMetadata]):
@@ -160,7 +164,8 @@ class KvarnMetadataBuilder(AttentionMetadataBuilder[KvarnMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KvarnMetadata:
         steps, batch = self.cache.plan(common_attn_metadata)
-        return KvarnMetadata(common_attn_metadata.num_actual_tokens, steps, self.cache, batch)
+        return KvarnMetadata(common_attn_metadata.num_actual_tokens, steps, self.cache, batch,
+                             common_attn_metadata.block_table_tensor)
 
     def update_block_table(self, metadata: KvarnMetadata, blk_table, slot_mapping) -> KvarnMetadata:
         return metadata  # one KV-cache group: every layer has the same block table and plan
@@ -221,7 +226,7 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
                      key[:n].view(n, self.num_kv_heads, self.head_size),
                      value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
                      batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled",
-                     softcap=self.logits_soft_cap)
+                     softcap=self.logits_soft_cap, block_table=attn_metadata.block_table)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

@@ -20,7 +20,8 @@ from .. import backend, triton_unsupported
 from . import reference
 from .reference import merge, partial_attention
 
-__all__ = ["causal_attention", "decode", "dense_attention", "merge", "paged_attention", "partial_attention"]
+__all__ = ["causal_attention", "decode", "dense_attention", "merge", "paged_attention", "partial_attention",
+           "varlen_attention"]
 
 
 def _impl(t, layout, softcap):
@@ -39,12 +40,19 @@ def paged_attention(layout, pages, q, q_seq, q_tile, page_start, block_table, sc
 
 
 def decode(layout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len, scale,
-           softcap=None):
-    """See ``reference.decode``."""
+           softcap=None, out=None):
+    """See ``reference.decode``. ``out``: ``[B, Hq, D]`` in q's dtype to write (None: a new tensor,
+    float32 from the reference, q's dtype from the kernel); returns the output."""
     impl = _impl(pages, layout, softcap)
-    extra = {"softcap": softcap} if impl is reference else {}
+    if impl is reference:
+        o = reference.decode(layout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot,
+                             cur_len, scale, softcap=softcap)
+        if out is None:
+            return o
+        out.copy_(o.to(out.dtype))
+        return out
     return impl.decode(layout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
-                       scale, **extra)
+                       scale, out=out)
 
 
 def _flash(q, k, v, scale, causal):
@@ -80,3 +88,53 @@ def dense_attention(q, k, v, scale, softcap=None):
     if _flash_ok(q) and k.shape[1] > 0 and not softcap:
         return _flash(q, k, v, scale, False)
     return partial_attention(q, k, v, scale, softcap=softcap)
+
+
+def _vllm_flash_varlen():
+    """vLLM's FlashAttention varlen function (FA3 on Hopper) when vLLM's CUDA build is importable:
+    native GQA, packed sequences, bottom-right causal alignment; None otherwise."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - no vLLM, or its CPU build: the reference or torch's kernel
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_attention(q, k, v, cu_q: list[int], cu_k: list[int], scale, softcap=None, out=None):
+    """Causal attention of packed sequences whose queries are the last positions of their keys
+    (a prefill chunk over its cached past and itself): see ``reference.varlen_attention``.
+
+    CUDA, fp16/bf16, no cap: vLLM's FlashAttention in one launch for all sequences when vLLM is
+    there (the serving path), else torch's FlashAttention per sequence; elsewhere the reference.
+    ``out``: ``[sum n_q, Hq, D]`` to write (q's dtype); returns the output."""
+    n = len(cu_q) - 1
+    if _flash_ok(q) and not softcap and n > 0:
+        fa = _vllm_flash_varlen()
+        if fa is not None:
+            from ..transfer import to_device
+
+            cu = to_device(list(cu_q) + list(cu_k), torch.int32, q.device)
+            max_q = max(cu_q[i + 1] - cu_q[i] for i in range(n))
+            max_k = max(cu_k[i + 1] - cu_k[i] for i in range(n))
+            # FA3 on Hopper (vLLM's default there too; its FA2 build measured 1.5x slower on the H200)
+            version = 3 if torch.cuda.get_device_capability(q.device)[0] == 9 else 2
+            return fa(q, k.to(q.dtype), v.to(q.dtype), max_q, cu[: n + 1], max_k, cu[n + 1:], softmax_scale=scale,
+                      causal=True, out=out, fa_version=version)
+        res = out if out is not None else torch.empty_like(q)
+        for i in range(n):
+            q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+            if q1 == q0:
+                continue
+            o_c, lse_c = _flash(q[q0:q1], k[k1 - (q1 - q0):k1].transpose(0, 1), v[k1 - (q1 - q0):k1].transpose(0, 1),
+                                scale, True)
+            if k1 - k0 > q1 - q0:  # the past: every query sees all of it
+                o_p, lse_p = _flash(q[q0:q1], k[k0:k1 - (q1 - q0)].transpose(0, 1),
+                                    v[k0:k1 - (q1 - q0)].transpose(0, 1), scale, False)
+                o_c, _ = merge(o_c, lse_c, o_p, lse_p)
+            res[q0:q1] = o_c.to(res.dtype)
+        return res
+    o = reference.varlen_attention(q, k, v, cu_q, cu_k, scale, softcap)
+    if out is None:
+        return o
+    out.copy_(o.to(out.dtype))
+    return out

@@ -48,6 +48,24 @@ def causal_attention(q, k, v, scale, softcap=None):
     return partial_attention(q, k.transpose(0, 1), v.transpose(0, 1), scale, pos[None, :] <= pos[:, None], softcap)
 
 
+def varlen_attention(q, k, v, cu_q: list[int], cu_k: list[int], scale, softcap=None):
+    """Sequences packed along dim 0: q ``[sum n_q, Hq, D]``, k/v ``[sum n_k, H, D]``; sequence ``i`` is
+    rows ``cu_q[i]:cu_q[i+1]`` of q and ``cu_k[i]:cu_k[i+1]`` of k/v, its queries the last ``n_q`` of
+    its ``n_k`` positions (causal, aligned bottom-right: query ``j`` sees keys ``<= n_k - n_q + j``).
+    Returns o ``[sum n_q, Hq, D]`` float32."""
+    o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        n_q, n_k = q1 - q0, k1 - k0
+        if n_q == 0:
+            continue
+        pos_q = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
+        valid = torch.arange(n_k, device=q.device)[None, :] <= pos_q
+        o[q0:q1] = partial_attention(q[q0:q1], k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), scale, valid,
+                                     softcap)[0]
+    return o
+
+
 def merge(o1, lse1, o2, lse2):
     """Combine two partial attentions over disjoint key sets (natural-log lse)."""
     m = torch.maximum(lse1, lse2)
