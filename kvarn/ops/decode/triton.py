@@ -268,7 +268,11 @@ def _sub_tile(kraw, khi, vraw, vhi, sc, ki, vi, live, q0, q1, q2, q3, m_i, l_i, 
     return m_i, l_i, a0, a1, a2, a3
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (Triton compiles a variant
+# for a value of 1 and for multiples of 16): in vLLM's burst A the batch, the split count and the
+# block-table width change with every prefill that completes, and each new variant compiled during
+# serving (~20 compiles, 12-14 s of a 57 s burst on the H200, 2026-12-03).
+@triton.jit(do_not_specialize=["ws_stride_s", "bt_stride", "SPLITS"])
 def _paged_kernel(
     q_ptr, stride_qt, stride_qh,
     ws_o, ws_lse, ws_stride_s,  # partials [S, T, Hq, D] float32 / [S, T, Hq] float32
@@ -413,7 +417,7 @@ def _staged_chunk(st_k, st_v, n, qT, m_i, l_i, acc, D: tl.constexpr, G: tl.const
     return m_new, l_i * alpha + tl.sum(p, 0), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_index"])
 def _staged_kernel(
     q_ptr, stride_qt, stride_qh, ws_o, ws_lse, slot_index,
     staging, slot_stride, first_slot, cur_slot, cur_len, qscale,
@@ -448,8 +452,8 @@ def _staged_kernel(
     tl.store(ws_lse + row * HQ + qhead, lse, mask=rows_ok)
 
 
-@triton.jit
-def _combine_kernel(ws_o, ws_lse, out, lse_out, T, HQ: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+@triton.jit(do_not_specialize=["T", "NP"])
+def _combine_kernel(ws_o, ws_lse, out, lse_out, T, NP, HQ: tl.constexpr, D: tl.constexpr,
                     NPP: tl.constexpr, WRITE_LSE: tl.constexpr):
     t = tl.program_id(0)
     hq = tl.program_id(1)
@@ -608,8 +612,8 @@ def _swap_basis(tables, x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def _combine(ws_o, ws_lse, out, lse_out, num_partials):
     _, t, hq, d = ws_o.shape
-    _combine_kernel[(t, hq)](ws_o, ws_lse, out, lse_out if lse_out is not None else ws_lse, t, HQ=hq, D=d,
-                             NP=num_partials, NPP=triton.next_power_of_2(num_partials),
+    _combine_kernel[(t, hq)](ws_o, ws_lse, out, lse_out if lse_out is not None else ws_lse, t, num_partials, HQ=hq,
+                             D=d, NPP=triton.next_power_of_2(num_partials),
                              WRITE_LSE=lse_out is not None, num_warps=1)
 
 
