@@ -210,6 +210,20 @@ def test_prefix_caching_reuses_quantized_blocks(lm, kvarn_llm, recipe_path, prom
     assert d.mean() < 0.03 and d.max() < 1.0
 
 
+def test_finished_requests_release_their_staging_tails(kvarn_llm, prompts):
+    """vLLM tells the worker which requests finished; their open tails leave the fp16 staging pool
+    (first tiles stay for prefix-cache hits, first in line for eviction)."""
+    from kvarn.runtime.paged import OPEN
+    from kvarn.runtime.vllm_backend import _engines
+
+    _generate(kvarn_llm, prompts, max_tokens=4)  # 4 requests end mid-tile: 4 open tails
+    _generate(kvarn_llm, [prompts[1][:150]], max_tokens=3)  # its first step carries their finished ids
+    cache = max((r() for r in _engines.values() if r() is not None), key=lambda c: c.table.step)
+    tails = [b for b, e in cache.table.entries.items() if e.kind == OPEN]
+    assert len(tails) <= 1, f"open tails of finished requests are still staged: blocks {tails}"
+    assert cache.table.num_slots == cache.staging[0].shape[0], "the staging pool changed size"
+
+
 def test_preemption_does_not_corrupt_the_cache(lm, model_dir, recipe_path, prompts):
     """A cache of 7 blocks for 3 sequences that grow past 2 blocks each: vLLM must preempt."""
     from kvarn.recipe import Recipe

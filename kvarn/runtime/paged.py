@@ -19,11 +19,19 @@ from the step's own values, later ones read the encoded page.
 
 ``StagingTable`` maps block ids to staging slots. It is shared by every layer of one engine (block
 ids are), and ``plan`` runs once per engine step. What it cannot know is when the engine frees a
-block; it learns that a block was reused when a new tile starts in it. Slots of blocks that are
-not referenced by the current step are evicted when the pool is full: first-tile copies first (a
-first tile is also written to its page, so a sequence whose copy was evicted reads it quantized:
-less exact than the recipe, never wrong data), then open tails (least recently used), and the pool
-grows rather than evict a slot the current step uses.
+block unless told (``release``: the vLLM plugin passes the blocks of finished requests, whose open
+tails are dropped and whose first-tile copies stay, first in line for eviction, for prefix-cache
+hits); it also learns that a block was reused when a new tile starts in it.
+
+The pool has a fixed size (``staging_slots``: two slots per sequence the engine may run, plus
+spares for the steps in which a prefill chunk holds its old tail and its new one), allocated before
+the engine's memory profile and never grown. When no slot is free, the least recently used entry
+the step does not read is evicted (a preempted or otherwise unreleased sequence's, or one that sat
+this step out: the engine runs at most ``max_num_seqs`` sequences, whose entries fit the pool). Evicting a *first-tile* copy is never wrong (a first tile is also in
+its page) but makes its sequence read that tile quantized, less exact than the recipe: it is
+counted (``first_tiles_lost``) and logged. A step that needs more slots than the pool has left
+(not reachable with vLLM's scheduler and ``staging_slots``) stores its new first tiles quantized
+only (counted and logged the same way); an open tail that finds no slot raises ``KvarnError``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import KvarnError
 from ..ops.decode import decode, merge, paged_attention, partial_attention, varlen_attention
 from ..ops.layout import PageLayout, check_storable
 from ..parallel import rank_kv_heads
@@ -166,6 +175,7 @@ class _Entry:
     kind: str
     tile: int
     used: int  # step it was last referenced
+    released: bool = False  # its request finished (a first tile kept for prefix-cache hits): evicted first
 
 
 @dataclass
@@ -177,38 +187,66 @@ class StagingTable:
     keep_first_tile: bool
     entries: dict = field(default_factory=dict)
     step: int = 0
-    grown: int = 0
+    first_tiles_lost: int = 0  # first tiles read quantized because their fp16 copy had no slot
 
     def __post_init__(self):
         self.free = list(range(self.num_slots - 1, -1, -1))
         self._released: list[int] = []
+        self._lost: set[int] = set()  # blocks whose first tile was found without its fp16 copy
 
     def _drop(self, block: int) -> None:
+        self._lost.discard(block)
         e = self.entries.pop(block, None)
         if e is not None:
             self._released.append(e.slot)
 
-    def _alloc(self) -> int:
+    def _alloc(self) -> int | None:
+        """A free slot, else the slot of the least recently used entry this step does not read;
+        None when every slot is in use by this step."""
         if self.free:
             return self.free.pop()
         idle = [(b, e) for b, e in self.entries.items() if e.used < self.step]
-        if idle:
-            # first-tile copies go first (their tile is also in its page), then the oldest tail
-            block, e = min(idle, key=lambda be: (be[1].kind != FIRST, be[1].used))
-            del self.entries[block]
-            return e.slot
-        self.num_slots += 1
-        self.grown += 1
-        if self.grown in (1, 64, 4096):
-            logger.warning("kvarn: fp16 staging pool grew to %d slots (more open tiles in one step than reserved)",
-                           self.num_slots)
-        return self.num_slots - 1
+        if not idle:
+            return None
+        block, e = min(idle, key=lambda be: (not be[1].released, be[1].used, be[1].kind != FIRST))
+        del self.entries[block]
+        return e.slot
+
+    def _first_missing(self, block: int) -> None:
+        """A sequence reads the first tile of ``block`` from its page: counted once per block."""
+        if block in self._lost:
+            return
+        self._lost.add(block)
+        self.first_tiles_lost += 1
+        if self.first_tiles_lost in (1, 64, 4096) or self.first_tiles_lost % 65536 == 0:
+            logger.warning("kvarn: %d sequence(s) so far read their first tile quantized, less exact than the recipe: "
+                           "its fp16 copy found no slot or was evicted (staging pool of %d slots, 2 per sequence of "
+                           "--max-num-seqs; prefix-cached blocks of finished sequences lose it too)",
+                           self.first_tiles_lost, self.num_slots)
+
+    def _alloc_tail(self, block: int, t: int) -> int:
+        slot = self._alloc()
+        if slot is None:
+            raise KvarnError(f"kvarn: no fp16 staging slot for the open tile {t} of block {block}: all {self.num_slots} "
+                             "slots are read by this step; more sequences run than --max-num-seqs sized the pool for")
+        return slot
+
+    def release(self, blocks) -> None:
+        """The engine's request holding ``blocks`` finished: open tails are dropped (their slots are
+        free from the next step); a first-tile copy stays for a prefix-cache hit on its block but is
+        evicted before any live entry."""
+        for block in blocks:
+            e = self.entries.get(block)
+            if e is not None and e.kind == FIRST:
+                e.released = True
+            elif e is not None:
+                self._drop(block)
 
     def _use(self, block: int, kind: str, tile: int) -> _Entry | None:
         e = self.entries.get(block)
         if e is None or e.kind != kind or e.tile != tile:
             return None
-        e.used = self.step
+        e.used, e.released = self.step, False  # a released first tile read again: a prefix-cache hit
         return e
 
     def plan(self, seqs: list[tuple[int, int, int, int, list[int]]]) -> list[SeqStep]:
@@ -221,6 +259,7 @@ class StagingTable:
             for block in ((blocks[ctx // g],) if ctx % g else ()) + ((blocks[0],) if ctx >= g else ()):
                 if block in self.entries:
                     self.entries[block].used = self.step
+                    self.entries[block].released = False
         for q_start, q_end, ctx, seq, blocks in seqs:
             st = SeqStep(q_start, q_end, ctx, seq, blocks)
             out.append(st)
@@ -242,17 +281,20 @@ class StagingTable:
             if self.keep_first_tile and t_c >= 1:
                 e = self._use(blocks[0], FIRST, 0)
                 st.first_slot = None if e is None else e.slot
+                if e is None:
+                    self._first_missing(blocks[0])
             if self.keep_first_tile and t_c == 0 and t_done >= 1:
-                st.first_write = True
-                st.first_slot = st.old_slot if st.old_slot is not None else self._alloc()
-                self.entries[blocks[0]] = _Entry(st.first_slot, FIRST, 0, self.step)
+                slot = st.old_slot if st.old_slot is not None else self._alloc()
+                if slot is not None:  # else the pool is exhausted this step: later steps read the page
+                    st.first_write, st.first_slot = True, slot
+                    self.entries[blocks[0]] = _Entry(slot, FIRST, 0, self.step)
             if seq % g:
                 if t_c == t_done and st.old_slot is not None:
                     st.new_slot = st.old_slot
                 else:
-                    st.new_slot = self._alloc()
+                    st.new_slot = self._alloc_tail(blocks[t_done], t_done)
                     self.entries[blocks[t_done]] = _Entry(st.new_slot, OPEN, t_done, self.step)
-            if st.old_slot is not None and st.old_slot not in (st.new_slot, st.first_slot):
+            if st.old_slot is not None and st.old_slot not in (st.new_slot, st.first_slot if st.first_write else None):
                 self.entries.pop(blocks[t_c], None)
                 self._released.append(st.old_slot)
         return out

@@ -115,11 +115,7 @@ class EngineCache:
         return self._last_plan, self._last_batch
 
     def staging_for(self, layer: int) -> torch.Tensor:
-        st = self.staging[layer]
-        if st.shape[0] < self.table.num_slots:  # the pool grew (see StagingTable._alloc)
-            extra = torch.zeros(self.table.num_slots - st.shape[0], *st.shape[1:], dtype=st.dtype, device=st.device)
-            st = self.staging[layer] = torch.cat([st, extra])
-        return st
+        return self.staging[layer]  # fixed size: the table never hands out a slot beyond it
 
 
 _engines: dict[int, weakref.ref] = {}

@@ -89,6 +89,7 @@ def register() -> None:
     compat.accept_cache_dtype()
     compat.register_backend()
     compat.track_block_tables()
+    compat.track_finished_requests()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +402,30 @@ class _Compat:
         cls.get_device_tensor = get_device_tensor
         cls._kvarn_tracked = True
 
+    # -- finished requests give their staging slots back ---------------------------------------
+    def track_finished_requests(self) -> None:
+        """Before the model runner forgets a finished request, release the staging entries of the
+        blocks it held that no other request holds (the attention backend sees only scheduled
+        requests, so without this a finished request's fp16 tiles linger until evicted, and an
+        eviction could pick a live request that sat a step out). 0.26 and 0.32: the runner's
+        ``_update_states`` gets ``finished_req_ids``; ``requests[id].block_ids[0]`` are its blocks."""
+        try:
+            from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        except ImportError:
+            return
+        if getattr(GPUModelRunner, "_kvarn_finish_tracked", False) or not hasattr(GPUModelRunner, "_update_states"):
+            return
+        orig = GPUModelRunner._update_states
+
+        def _update_states(self, scheduler_output, *args, **kwargs):
+            done = getattr(scheduler_output, "finished_req_ids", None)
+            if done:
+                _release_finished(self, done)
+            return orig(self, scheduler_output, *args, **kwargs)
+
+        GPUModelRunner._update_states = _update_states
+        GPUModelRunner._kvarn_finish_tracked = True
+
     @staticmethod
     def host_step_inputs(common, n: int):
         """``(seq_lens [n] list, block table [n, W] host tensor)`` of a step's common metadata:
@@ -418,3 +443,26 @@ class _Compat:
     def sizes_pages_with_customize_spec(self) -> bool:
         """0.32+: ``AttentionBackend.customize_spec``; 0.26: the layer's spec + ``get_kv_cache_shape``."""
         return self.minor >= (0, 27)
+
+
+def _release_finished(runner, finished_ids) -> None:
+    """Release the staging entries of blocks only finished requests held (see
+    ``_Compat.track_finished_requests``); a runner of an engine without kvarn has no engine cache."""
+    from .vllm_backend import _engines
+
+    ref = _engines.get(id(getattr(runner, "vllm_config", None)))
+    cache = ref() if ref is not None else None
+    requests = getattr(runner, "requests", None)
+    if cache is None or not isinstance(requests, dict):
+        return
+    gone: set[int] = set()
+    for rid in finished_ids:
+        state = requests.get(rid)
+        if state is not None and getattr(state, "block_ids", None):
+            gone.update(state.block_ids[0])
+    if not gone:
+        return
+    for rid, state in requests.items():  # blocks shared with a live request (prefix caching) stay
+        if rid not in finished_ids and getattr(state, "block_ids", None):
+            gone.difference_update(state.block_ids[0])
+    cache.table.release(gone)
