@@ -370,9 +370,19 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
                        flat32[at + 5 * b:at + 5 * b + n_store], tuple(dec), row0)
 
 
-def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None) -> None:
+def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None,
+                   graphs=None, layer: int = 0) -> None:
     """Decode rows with no Python per sequence: write the token to staging, encode tiles it
-    completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op)."""
+    completes, then one ``decode`` op (pages + staged fp16 part, merged inside the op).
+    ``graphs``: a ``decode_graphs.DecodeGraphs`` replays the write and the op from a CUDA graph
+    (the store follows it: the completing token reads its tile from staging, not from its page)."""
+    sb = graphs.prepare(batch) if graphs is not None else None
+    if sb is not None:
+        graphs.run(layer, layout, pages, staging, sb, q, k, v, scale, out, softcap)
+        if batch.store_index.numel():
+            done = batch.cur_slot.long()[batch.store_index]
+            store_tiles(layout, pages, staging[done, 0], staging[done, 1], batch.store_blocks)
+        return
     # host time per op is what a decode layer costs (H200 profile: ~1 ms of host per layer against
     # ~0.5 ms of kernels), so contiguous rows are taken as views and the output written in place
     rows = slice(batch.row0, batch.row0 + batch.size) if batch.row0 >= 0 else batch.rows
@@ -392,7 +402,7 @@ def attend_layer(
     layout: PageLayout, keep_first_tile: bool, pages: torch.Tensor, staging: torch.Tensor,
     steps: list[SeqStep], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     out: torch.Tensor, batch: DecodeBatch | None = None, prefill: str = "tiled", softcap: float | None = None,
-    block_table: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None, graphs=None, layer: int = 0,
 ) -> None:
     """Store this step's keys/values of one layer and write attention into ``out``.
 
@@ -407,14 +417,15 @@ def attend_layer(
     the cache: quantized tiles, fp16 first tile and open tail). ``softcap``: the model's
     attention-logit cap (Gemma-2), applied to every score; None: none. ``block_table``: the
     engine's device block table (row ``SeqStep.row`` per sequence): block ids of prefill chunks are
-    sliced from it on the device instead of copied from the host.
+    sliced from it on the device instead of copied from the host. ``graphs``/``layer``: decode rows
+    through ``kvarn.runtime.decode_graphs`` (``layer`` keys the graph).
     """
     if prefill not in ("tiled", "raw"):
         raise ValueError(f"prefill must be 'tiled' or 'raw', not {prefill!r}")
     if batch is None:
         batch = decode_batch(steps, layout.tile, keep_first_tile, q.device)
     if batch is not None:
-        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap)
+        _attend_decode(layout, pages, staging, batch, q, k, v, scale, out, softcap, graphs, layer)
         steps = [st for st in steps if not _is_decode(st)]
     if steps:
         ids = _BlockIds(steps, block_table, pages.device)

@@ -48,6 +48,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import KvarnError
 from ..parallel import rank_kv_heads
+from . import decode_graphs
 from .paged import (CacheSource, DecodeBatch, SeqStep, StagingTable, attend_layer, decode_batch, load_source,
                     staging_slots, tp_page_bytes)
 from .vllm_plugin import CONFIG_KEY, KV_CACHE_DTYPE, _Compat, _model_shape
@@ -81,9 +82,12 @@ class EngineCache:
         slots = staging_slots(vllm_config.scheduler_config.max_num_seqs, self.source.keep_first_tile)
         self.table = StagingTable(slots, self.source.tile, self.source.keep_first_tile)
         device = torch.device(vllm_config.device_config.device)
-        # allocated (and touched) now, while the engine builds the model: its memory is counted
-        self.staging = [torch.zeros(slots, 2, f.num_kv_heads, f.tile, f.head_dim, dtype=torch.float16, device=device)
-                        for f in self.source.formats]
+        self.graphs_on = decode_graphs.enabled() and device.type == "cuda"
+        self.graphs = None  # made by the first forward, which knows the heads and dtype of this rank
+        # allocated (and touched) now, while the engine builds the model: its memory is counted; with
+        # decode graphs one more slot, where padded rows write (the table never hands it out)
+        self.staging = [torch.zeros(slots + self.graphs_on, 2, f.num_kv_heads, f.tile, f.head_dim, dtype=torch.float16,
+                                    device=device) for f in self.source.formats]
         self.device = device
         self._last_common = None
         self._last_plan: list[SeqStep] = []
@@ -113,6 +117,15 @@ class EngineCache:
         self._last_batch = decode_batch(self._last_plan, g, self.source.keep_first_tile, self.device)
         self._last_common = common
         return self._last_plan, self._last_batch
+
+    def decode_graphs_for(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> "decode_graphs.DecodeGraphs | None":
+        if not self.graphs_on:
+            return None
+        if self.graphs is None:
+            width = -(-self.vllm_config.model_config.max_model_len // self.source.tile)
+            self.graphs = decode_graphs.DecodeGraphs(width, num_q_heads, num_kv_heads, head_dim, dtype, self.device,
+                                                     scratch_slot=self.table.num_slots)
+        return self.graphs
 
     def staging_for(self, layer: int) -> torch.Tensor:
         return self.staging[layer]  # fixed size: the table never hands out a slot beyond it
@@ -222,7 +235,9 @@ class KvarnImpl(AttentionImpl[KvarnMetadata]):
                      key[:n].view(n, self.num_kv_heads, self.head_size),
                      value[:n].view(n, self.num_kv_heads, self.head_size), self.scale, out,
                      batch=attn_metadata.decode, prefill="raw" if query.is_cuda else "tiled",
-                     softcap=self.logits_soft_cap, block_table=attn_metadata.block_table)
+                     softcap=self.logits_soft_cap, block_table=attn_metadata.block_table,
+                     graphs=cache.decode_graphs_for(self.num_heads, self.num_kv_heads, self.head_size, query.dtype),
+                     layer=i)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
