@@ -15,7 +15,8 @@ Caches (``--kv``): ``fp16`` (vLLM's own, the baseline), ``fp8``, ``int4_per_toke
 ``turboquant_k3v4_nc`` (vLLM's), ``kvarn-k4v2`` (the uniform preset) and ``kvarn-mix`` (a recipe
 whose K/V widths mix 2/3/4 bits per layer and head like a calibrated one, ~3.3 bits/element,
 K without normalization, V with a static scale: made here for this shape, random widths of a fixed
-seed). Each cache is one engine, started and measured in this process one after the other; every
+seed); ``+graphs`` after a kvarn name runs it with decode rows from CUDA graphs
+(``KVARN_DECODE_GRAPHS=1``). Each cache is one engine, started and measured in this process one after the other; every
 ratio is against the fp16 engine of the same run (the same lease).
 
 Per burst and cache: capacity (tokens of KV vLLM holds), total tokens/s (prompt + generated over
@@ -101,7 +102,7 @@ def engine(mdir: Path, kv: str, recipe_mix: Path | None, max_len: int, max_seqs:
               max_num_seqs=max_seqs, gpu_memory_utilization=0.9, enable_prefix_caching=False, seed=0,
               enforce_eager=eager)
     if kv.startswith("kvarn"):
-        spec = "kvarn-k4v2-g128" if kv == "kvarn-k4v2" else str(recipe_mix)
+        spec = "kvarn-k4v2-g128" if kv.split("+")[0] == "kvarn-k4v2" else str(recipe_mix)
         kw.update(kv_cache_dtype="kvarn", additional_config={"kvarn_recipe": spec}, block_size=128)
     else:
         kw.update(kv_cache_dtype=VLLM_KV[kv])
@@ -165,7 +166,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "kvarn-serve"
     mdir = model_dir(work)
-    mix = mix_recipe(mdir) if "kvarn-mix" in args.kv.split(",") else None
+    mix = mix_recipe(mdir) if any(k.split("+")[0] == "kvarn-mix" for k in args.kv.split(",")) else None
     bursts = [b for b in args.bursts.split(",") if b]
     max_len = max(BURSTS[b][1] + BURSTS[b][2] for b in bursts) + 128
     max_seqs = max(max(1, int(BURSTS[b][0] * args.scale)) for b in bursts)
@@ -178,7 +179,8 @@ def main() -> int:
             sub = out / f"engine-{kv}"
             cmd = [sys.executable, __file__, "--kv", kv, "--bursts", args.bursts, "--out", str(sub),
                    "--scale", str(args.scale)] + ["--eager"] * args.eager + ["--eager-kvarn"] * args.eager_kvarn
-            rc = subprocess.run(cmd).returncode
+            graphs = {"KVARN_DECODE_GRAPHS": "1" if kv.endswith("+graphs") else "0"}
+            rc = subprocess.run(cmd, env={**os.environ, **graphs}).returncode
             try:
                 part = json.loads((sub / "serve_h200.json").read_text())
             except (OSError, ValueError) as e:
