@@ -115,6 +115,8 @@ class EngineCache:
         for st, row in zip(self._last_plan, row_of):  # the sequence's row of the device block table
             st.row = row
         self._last_batch = decode_batch(self._last_plan, g, self.source.keep_first_tile, self.device)
+        if self.graphs is not None and self._last_batch is not None:  # into the static buffers, once per step
+            self.graphs.prepare(self._last_batch)
         self._last_common = common
         return self._last_plan, self._last_batch
 
