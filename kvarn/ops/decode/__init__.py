@@ -14,6 +14,8 @@ per process and reason (``kvarn.ops.triton_unsupported``). FlashAttention has no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backend, triton_unsupported
@@ -100,6 +102,15 @@ def _vllm_flash_varlen():
     return flash_attn_varlen_func
 
 
+@functools.lru_cache(maxsize=4)
+def _cu_on_device(cu: tuple, device: torch.device) -> torch.Tensor:
+    """The sequence offsets as a device tensor, copied once per step (every layer of a step has the
+    same chunks), not once per layer; read-only, so reusing one across steps is safe."""
+    from ..transfer import to_device
+
+    return to_device(list(cu), torch.int32, device)
+
+
 def varlen_attention(q, k, v, cu_q: list[int], cu_k: list[int], scale, softcap=None, out=None):
     """Causal attention of packed sequences whose queries are the last positions of their keys
     (a prefill chunk over its cached past and itself): see ``reference.varlen_attention``.
@@ -111,9 +122,7 @@ def varlen_attention(q, k, v, cu_q: list[int], cu_k: list[int], scale, softcap=N
     if _flash_ok(q) and not softcap and n > 0:
         fa = _vllm_flash_varlen()
         if fa is not None:
-            from ..transfer import to_device
-
-            cu = to_device(list(cu_q) + list(cu_k), torch.int32, q.device)
+            cu = _cu_on_device(tuple(cu_q) + tuple(cu_k), q.device)
             max_q = max(cu_q[i + 1] - cu_q[i] for i in range(n))
             max_k = max(cu_k[i + 1] - cu_k[i] for i in range(n))
             # FA3 on Hopper (vLLM's default there too; its FA2 build measured 1.5x slower on the H200)
