@@ -26,10 +26,11 @@ hits); it also learns that a block was reused when a new tile starts in it.
 The pool has a fixed size (``staging_slots``: two slots per sequence the engine may run, plus
 spares for the steps in which a prefill chunk holds its old tail and its new one), allocated before
 the engine's memory profile and never grown. When no slot is free, the least recently used entry
-the step does not read is evicted (a preempted or otherwise unreleased sequence's, or one that sat
-this step out: the engine runs at most ``max_num_seqs`` sequences, whose entries fit the pool). Evicting a *first-tile* copy is never wrong (a first tile is also in
-its page) but makes its sequence read that tile quantized, less exact than the recipe: it is
-counted (``first_tiles_lost``) and logged. A step that needs more slots than the pool has left
+the step does not read is evicted, released ones first (otherwise a preempted sequence's, or one
+that sat this step out: the engine runs at most ``max_num_seqs`` sequences, whose entries fit the
+pool). Evicting a *first-tile* copy is never wrong (a first tile is also in its page) but makes its
+sequence read that tile quantized, less exact than the recipe: that is counted
+(``first_tiles_lost``) and logged. A step that needs more slots than the pool has left
 (not reachable with vLLM's scheduler and ``staging_slots``) stores its new first tiles quantized
 only (counted and logged the same way); an open tail that finds no slot raises ``KvarnError``.
 """

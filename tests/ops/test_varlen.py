@@ -54,10 +54,19 @@ def test_reference_first_query_sees_only_the_past_and_itself():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention paths need CUDA (the CPU runs the reference)")
+@pytest.mark.parametrize("path", ["vllm", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lens,h,group,d", [([(517, 517), (1, 2049), (300, 1100)], 8, 4, 128),
                                             ([(33, 161)], 2, 7, 64), ([(128, 128), (64, 64)], 4, 1, 128)])
-def test_cuda_matches_reference(lens, h, group, d, dtype):
+def test_cuda_matches_reference(lens, h, group, d, dtype, path, monkeypatch):
+    """``vllm``: vLLM's FlashAttention varlen call (skipped without vLLM); ``torch``: torch's
+    FlashAttention per sequence, chunk and past merged (what runs without vLLM)."""
+    import kvarn.ops.decode as ops
+
+    if path == "vllm" and ops._vllm_flash_varlen() is None:
+        pytest.skip("vLLM's CUDA build is not importable here")
+    if path == "torch":
+        monkeypatch.setattr(ops, "_vllm_flash_varlen", lambda: None)
     gen = torch.Generator().manual_seed(sum(a * 3 + b for a, b in lens) + d)
     (q, k, v), cu_q, cu_k = _packed(gen, lens, h, group, d, dtype)
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")

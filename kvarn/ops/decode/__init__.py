@@ -3,13 +3,13 @@
 ``paged_attention`` (any number of query rows per sequence: decode and prefill continuation) and
 ``decode`` (one row per sequence, staged fp16 part fused) run the Triton kernels on CUDA and the
 PyTorch reference elsewhere (``kvarn.ops.backend``). ``partial_attention`` and ``merge`` are the
-small exact pieces a caller combines them with; ``causal_attention`` is plain causal attention over
-a chunk's own fp16/bf16 keys with its log-sum-exp (FlashAttention on CUDA).
+small exact pieces a caller combines them with; ``varlen_attention`` is the prefill chunks of a
+step over their fp16/bf16 past and themselves (FlashAttention on CUDA).
 
 The Triton kernels cover power-of-two head_dim without soft-capping; a layer with head_dim 80/96
 or a ``softcap`` runs the reference op instead (on the same device), with a one-line warning once
 per process and reason (``kvarn.ops.triton_unsupported``). FlashAttention has no cap either: with
-``softcap`` the two dense ops take their reference too.
+``softcap`` ``varlen_attention`` takes its reference too.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from .. import backend, triton_unsupported
 from . import reference
 from .reference import merge, partial_attention
 
-__all__ = ["causal_attention", "decode", "dense_attention", "merge", "paged_attention", "partial_attention",
-           "varlen_attention"]
+__all__ = ["decode", "merge", "paged_attention", "partial_attention", "varlen_attention"]
 
 
 def _impl(t, layout, softcap):
@@ -70,36 +69,6 @@ def _flash(q, k, v, scale, causal):
 
 def _flash_ok(q) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[0] > 0
-
-
-def causal_attention(q, k, v, scale, softcap=None):
-    """Causal attention of a chunk over its own keys: q ``[T, Hq, D]``, k/v ``[T, H, D]`` (GQA) →
-    ``(o [T, Hq, D], lse [T, Hq])`` float32, natural-log lse (to merge with the chunk's past).
-
-    CUDA: torch's FlashAttention kernel (fp16/bf16; the square causal mask needs no alignment
-    convention); elsewhere, or with ``softcap``, ``reference.causal_attention``."""
-    if _flash_ok(q) and not softcap:
-        return _flash(q, k.transpose(0, 1), v.transpose(0, 1), scale, True)
-    return reference.causal_attention(q, k, v, scale, softcap)
-
-
-def dense_attention(q, k, v, scale, softcap=None):
-    """Every query over every key (a chunk over its cached past): q ``[T, Hq, D]``, k/v ``[H, N, D]``
-    → ``(o, lse)`` float32. CUDA: FlashAttention (fp16/bf16); elsewhere, or with ``softcap``,
-    ``partial_attention``."""
-    if _flash_ok(q) and k.shape[1] > 0 and not softcap:
-        return _flash(q, k, v, scale, False)
-    return partial_attention(q, k, v, scale, softcap=softcap)
-
-
-def _vllm_flash_varlen():
-    """vLLM's FlashAttention varlen function (FA3 on Hopper) when vLLM's CUDA build is importable:
-    native GQA, packed sequences, bottom-right causal alignment; None otherwise."""
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except Exception:  # noqa: BLE001 - no vLLM, or its CPU build: the reference or torch's kernel
-        return None
-    return flash_attn_varlen_func
 
 
 @functools.lru_cache(maxsize=4)
