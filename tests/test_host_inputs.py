@@ -3,6 +3,7 @@ and ``to_device`` giving the same values as a plain copy (no vLLM needed)."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from kvarn.runtime import vllm_plugin
@@ -47,3 +48,26 @@ def test_to_device_values_and_dtype():
         t = to_device(vals, dtype, "cpu")
         assert t.dtype == dtype and t.tolist() == torch.tensor(vals, dtype=dtype).tolist()
     assert to_device([], torch.int64, "cpu").numel() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+def test_decode_batch_columns_start_on_16_bytes_and_hold_the_plan(n):
+    """Triton compiles a variant per pointer alignment: every metadata column of a step's decode
+    batch starts on 16 bytes whatever the batch size and table width, and holds the plan's values."""
+    from kvarn.runtime.paged import StagingTable, decode_batch, staging_slots
+
+    g = 4
+    table = StagingTable(staging_slots(n, True), g, True)
+    blocks = [[10 * i + j + 1 for j in range(6)] for i in range(n)]
+    lens = [5 + 3 * i for i in range(n)]  # several table widths
+    table.plan([(i, i + 1, 0, s, blocks[i]) for i, s in enumerate(lens)])  # prefill (one row each: decode rows)
+    steps = table.plan([(i, i + 1, s, s + 1, blocks[i]) for i, s in enumerate(lens)])
+    batch = decode_batch(steps, g, True, "cpu")
+    cols = [batch.rows, batch.block_table, batch.page_start, batch.q_tile, batch.first_slot, batch.cur_slot,
+            batch.cur_len, batch.write_pos]
+    assert all(c.data_ptr() % 16 == 0 for c in cols), [c.data_ptr() % 16 for c in cols]
+    assert batch.q_tile.tolist() == [s // g for s in lens]
+    assert batch.cur_len.tolist() == [s + 1 - (s // g) * g for s in lens]
+    assert batch.write_pos.tolist() == [s - (s // g) * g for s in lens]
+    assert batch.block_table[:, 0].tolist() == [b[0] for b in blocks]
+    assert batch.store_index.tolist() == [i for i, s in enumerate(lens) if (s + 1) % g == 0]

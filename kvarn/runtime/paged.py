@@ -360,15 +360,19 @@ def decode_batch(steps: list[SeqStep], tile: int, keep_first_tile: bool, device)
             store_index.append(j)
             store_blocks.append(st.blocks[t_q])
     b, n_store = len(dec), len(store_index)
-    flat32 = to_device([v for row in table for v in row]
-                       + [v for name in ("page_start", "q_tile", "first_slot", "cur_slot", "cur_len") for v in cols[name]]
-                       + store_blocks, torch.int32, device)
-    flat64 = to_device(cols["rows"] + cols["write_pos"] + store_index, torch.int64, device)
-    at = b * width
-    c32 = [flat32[at + i * b: at + (i + 1) * b] for i in range(5)]
+    # every column starts on 16 bytes: Triton compiles a kernel variant per pointer alignment, and
+    # unpadded offsets (b * width + i * b) changed it with the batch size: compiles while serving
+    at, bp = -(-b * width // 4) * 4, -(-b // 4) * 4
+    pad = lambda col, n: col + [0] * (n - len(col))  # noqa: E731
+    flat32 = to_device(pad([v for row in table for v in row], at)
+                       + [v for name in ("page_start", "q_tile", "first_slot", "cur_slot", "cur_len")
+                          for v in pad(cols[name], bp)] + store_blocks, torch.int32, device)
+    bp64 = -(-b // 2) * 2
+    flat64 = to_device(pad(cols["rows"], bp64) + pad(cols["write_pos"], bp64) + store_index, torch.int64, device)
+    c32 = [flat32[at + i * bp: at + i * bp + b] for i in range(5)]
     row0 = cols["rows"][0] if cols["rows"] == list(range(cols["rows"][0], cols["rows"][0] + b)) else -1
-    return DecodeBatch(flat64[:b], flat32[:at].view(b, width), *c32, flat64[b:2 * b], flat64[2 * b:],
-                       flat32[at + 5 * b:at + 5 * b + n_store], tuple(dec), row0)
+    return DecodeBatch(flat64[:b], flat32[:b * width].view(b, width), *c32, flat64[bp64:bp64 + b],
+                       flat64[2 * bp64:2 * bp64 + n_store], flat32[at + 5 * bp:at + 5 * bp + n_store], tuple(dec), row0)
 
 
 def _attend_decode(layout: PageLayout, pages, staging, batch: DecodeBatch, q, k, v, scale, out, softcap=None,
