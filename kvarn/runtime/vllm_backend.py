@@ -89,6 +89,11 @@ class EngineCache:
         self.staging = [torch.zeros(slots + self.graphs_on, 2, f.num_kv_heads, f.tile, f.head_dim, dtype=torch.float16,
                                     device=device) for f in self.source.formats]
         self.device = device
+        if device.type == "cuda":  # compile the kernels now, not in the first serving steps
+            from ..ops.warmup import warm_up
+
+            mc = vllm_config.model_config
+            warm_up(self.layouts, mc.get_num_attention_heads(vllm_config.parallel_config), mc.dtype, device)
         self._last_common = None
         self._last_plan: list[SeqStep] = []
         self._last_batch: DecodeBatch | None = None
