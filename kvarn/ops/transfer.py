@@ -1,9 +1,9 @@
 """Small host→device copies of per-step metadata without device syncs (one place for the rule).
 
-A copy from pageable memory waits for all GPU work queued before it; so did ``pin_memory()`` of a
-fresh tensor on the H200 (profile of 2026-12-03: one ``cudaStreamSynchronize`` per call). With
-vLLM's async scheduling the host must never wait for the GPU, so copies reuse persistent pinned
-buffers (``_PinnedRing``).
+A copy from pageable memory waits for all GPU work queued before it (the H200 profile of
+2026-12-03 counted two such waits per layer in prefill steps, from a device tensor indexed with a
+Python list). With vLLM's async scheduling the host must never wait for the GPU, so copies go from
+persistent pinned buffers (``_PinnedRing``) rather than a fresh pinned allocation per call.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import torch
 def to_device(values: list[int], dtype: torch.dtype, device) -> torch.Tensor:
     """A host list as a device tensor without a device sync.
 
-    A copy from pageable memory waits for all the GPU work queued before it, and so did
-    ``pin_memory()`` of a fresh tensor (the H200 profile of 2026-12-03 counted one
-    ``cudaStreamSynchronize`` per call: two per layer in prefill steps). CUDA copies go through
-    ``_PinnedRing``: persistent pinned buffers, reused only once their last copy is done."""
+    CUDA copies go through ``_PinnedRing``: persistent pinned buffers, reused only once their last
+    copy is done; elsewhere a plain tensor."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
