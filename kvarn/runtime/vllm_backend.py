@@ -66,6 +66,7 @@ class EngineCache:
             raise KvarnError(f"--kv-cache-dtype kvarn reached a worker without additional_config['{CONFIG_KEY}']; "
                              "create the engine through EngineArgs/LLM/the CLI so the plugin can resolve the recipe")
         self.vllm_config = vllm_config
+        _Compat.track_finished_requests()  # finished requests release their staging slots
         self.source: CacheSource = load_source(spec, *_model_shape(vllm_config.model_config.hf_config))
         tp = vllm_config.parallel_config.tensor_parallel_size
         page_floor = [0] * self.source.num_layers

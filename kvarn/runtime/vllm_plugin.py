@@ -89,7 +89,6 @@ def register() -> None:
     compat.accept_cache_dtype()
     compat.register_backend()
     compat.track_block_tables()
-    compat.track_finished_requests()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,12 +402,15 @@ class _Compat:
         cls._kvarn_tracked = True
 
     # -- finished requests give their staging slots back ---------------------------------------
-    def track_finished_requests(self) -> None:
+    @staticmethod
+    def track_finished_requests() -> None:
         """Before the model runner forgets a finished request, release the staging entries of the
         blocks it held that no other request holds (the attention backend sees only scheduled
         requests, so without this a finished request's fp16 tiles linger until evicted, and an
         eviction could pick a live request that sat a step out). 0.26 and 0.32: the runner's
-        ``_update_states`` gets ``finished_req_ids``; ``requests[id].block_ids[0]`` are its blocks."""
+        ``_update_states`` gets ``finished_req_ids``; ``requests[id].block_ids[0]`` are its blocks.
+        Installed by the first kvarn engine of a worker process (not at plugin registration, which
+        also runs in processes that never load the model runner)."""
         try:
             from vllm.v1.worker.gpu_model_runner import GPUModelRunner
         except ImportError:
