@@ -113,6 +113,7 @@ class PageLayout:
         self.fmt = fmt
         self.tile, self.head_dim, self.num_kv_heads = fmt.tile, fmt.head_dim, fmt.num_kv_heads
         self.priors = {"k": k_log_std, "v": v_log_std}
+        self._on_device: dict = {}  # (kind, device) -> the prior there
         self.formats = {"k": fmt.k, "v": fmt.v}
         self.fields: dict[tuple[str, int], dict[str, tuple[int, int]]] = {}  # (kind, head) -> name -> (offset, nbytes)
         off = 0
@@ -157,7 +158,12 @@ class PageLayout:
         p = self.priors[kind]
         if p is None:
             return None
-        return _on_device(p, torch.device(device))[_head_index(heads, device)][:, None, :]  # [h, 1, D]
+        device = torch.device(device)
+        if p.device != device:  # recipe priors live on the host: copied once per device, not per call
+            if (kind, device) not in self._on_device:
+                self._on_device[kind, device] = p.to(device)
+            p = self._on_device[kind, device]
+        return p[_head_index(heads, device)][:, None, :]  # [h, 1, D]
 
     def _by_bits(self, kind: str) -> list[tuple[int, list[int]]]:
         bits = self.formats[kind].bits
@@ -220,20 +226,6 @@ def _head_index(heads: list[int], device) -> slice | torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _index_tensor(heads: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(heads, dtype=torch.long, device=device)
-
-
-_device_copies: dict = {}
-
-
-def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``, copied once per (tensor, device) (recipe priors live on the host)."""
-    if t.device == device:
-        return t
-    key = (id(t), device)
-    hit = _device_copies.get(key)
-    if hit is None or hit[0] is not t:
-        hit = _device_copies[key] = (t, t.to(device))
-    return hit[1]
 
 
 @functools.lru_cache(maxsize=256)

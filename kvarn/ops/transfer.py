@@ -40,7 +40,7 @@ class _PinnedRing:
 
     def put(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         n = len(values)
-        nbytes = max(8, n * torch.empty((), dtype=dtype).element_size())
+        nbytes = max(8, n * dtype.itemsize)
         i = self.next
         self.next = (i + 1) % self.SLOTS
         if self.done[i] is not None:

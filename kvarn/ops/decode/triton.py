@@ -271,7 +271,7 @@ def _sub_tile(kraw, khi, vraw, vhi, sc, ki, vi, live, q0, q1, q2, q3, m_i, l_i, 
 # Integer arguments that change from step to step are not specialized on (Triton compiles a variant
 # for a value of 1 and for multiples of 16): in vLLM's burst A the batch, the split count and the
 # block-table width change with every prefill that completes, and each new variant compiled during
-# serving (~20 compiles, 12-14 s of a 57 s burst on the H200, 2026-12-03).
+# serving (about 12 s of a 57 s burst on the H200, 2026-12-03, estimated from its step times).
 @triton.jit(do_not_specialize=["ws_stride_s", "bt_stride", "SPLITS"])
 def _paged_kernel(
     q_ptr, stride_qt, stride_qh,
