@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import KvarnError
+from .preflight import check_key_floor
 from .quant.formats import FP16_BITS, LayerFormat, TensorFormat, bits_per_element, head_tile_bytes
 
 
@@ -48,6 +49,7 @@ def allocate_bits(
     k_err: torch.Tensor, v_err: torch.Tensor, candidate_bits: tuple[int, ...],
     k_format: TensorFormat, v_format: TensorFormat, tile: int, head_dim: int,
     avg_bits: float, allow_fp16: bool = True, head_groups: list[list[int]] | None = None,
+    min_k_bits: int | None = None,
 ) -> Allocation:
     """Choose ``[L, H]`` K and V widths minimising the summed predicted error such that the
     average stored bits per element (scales included) is at most ``avg_bits``.
@@ -57,11 +59,17 @@ def allocate_bits(
     allocation decides how many bytes each layer gets; each layer's bytes are then split over the
     groups by their heads' share and allocated per (layer, group), so ranks differ by less than one
     upgrade step per layer (the runtime pads that remainder) and layers keep the budget the
-    calibration gave them."""
+    calibration gave them.
+
+    ``min_k_bits`` (``--min-k-bits``, one of ``candidate_bits``): no key is stored narrower; the
+    values take what the budget leaves. The error objective prices what perplexity sees and let
+    retrieval (passkey) down with 2-bit keys; a floor is the guard."""
     L, H, _ = k_err.shape
+    check_key_floor(min_k_bits, candidate_bits, avg_bits, "--avg-bits", k_format, v_format, tile, head_dim)
     groups = head_groups or [list(range(H))]
     if len(groups) > 1:
-        free = allocate_bits(k_err, v_err, candidate_bits, k_format, v_format, tile, head_dim, avg_bits, allow_fp16)
+        free = allocate_bits(k_err, v_err, candidate_bits, k_format, v_format, tile, head_dim, avg_bits, allow_fp16,
+                             min_k_bits=min_k_bits)
         k_bits = torch.zeros(L, H, dtype=torch.int64)
         v_bits = torch.zeros(L, H, dtype=torch.int64)
         err = 0.0
@@ -71,7 +79,7 @@ def allocate_bits(
             layer_bits = 8.0 * layer_bytes / tile / (H * head_dim * 2)  # the layer's share, as bits/element
             for g in groups:
                 part = allocate_bits(k_err[l:l + 1, g], v_err[l:l + 1, g], candidate_bits, k_format, v_format, tile,
-                                     head_dim, layer_bits, allow_fp16)
+                                     head_dim, layer_bits, allow_fp16, min_k_bits=min_k_bits)
                 k_bits[l, g], v_bits[l, g] = part.k_bits[0], part.v_bits[0]
                 err += part.predicted_error
         layers = [LayerFormat(head_dim, tile, k_format.with_bits(k_bits[l].tolist()),
@@ -80,12 +88,13 @@ def allocate_bits(
     options = list(candidate_bits) + ([FP16_BITS] if allow_fp16 else [])
     items = []  # (kind, layer, head, [bits], [cost bytes/token], [err])
     for kind, err, fmt in (("k", k_err, k_format), ("v", v_err, v_format)):
+        allowed = [b for b in options if kind == "v" or min_k_bits is None or b >= min_k_bits]
         for l in range(L):
             for h in range(H):
-                costs = [head_tile_bytes(fmt, b, tile, head_dim) / tile for b in options]
-                errs = [float(err[l, h, candidate_bits.index(b)]) if b != FP16_BITS else 0.0 for b in options]
+                costs = [head_tile_bytes(fmt, b, tile, head_dim) / tile for b in allowed]
+                errs = [float(err[l, h, candidate_bits.index(b)]) if b != FP16_BITS else 0.0 for b in allowed]
                 hull = _hull(costs, errs)
-                items.append((kind, l, h, [options[i] for i in hull], [costs[i] for i in hull], [errs[i] for i in hull]))
+                items.append((kind, l, h, [allowed[i] for i in hull], [costs[i] for i in hull], [errs[i] for i in hull]))
     budget = avg_bits / 8.0 * L * H * head_dim * 2  # bytes per token, all layers
     used = sum(it[4][0] for it in items)
     if used > budget + 1e-9:

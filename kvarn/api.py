@@ -142,7 +142,7 @@ def calibrate(
     objective: str = "fisher", k_normalize: str = "none", v_normalize: str = "static",
     clip: bool = True, seed: int = 0, progress: bool = True, loaded=None, overwrite: bool = False,
     tokenizer=None, device="auto", dtype="auto", revision: str | None = None, trust_remote_code: bool = False,
-    text_column: str | None = None, tp_size: int = 1,
+    text_column: str | None = None, tp_size: int = 1, min_k_bits: int | None = None,
 ) -> tuple[Recipe, CalibrationReport]:
     """Calibrate ``model`` on a calibration set and write a recipe.
 
@@ -159,6 +159,8 @@ def calibrate(
     dataset (text, or chat ``messages`` rendered with the model's chat template).
     ``tp_size`` > 1 balances the budget over the KV heads of each tensor-parallel rank (vLLM's split)
     in every layer, so every rank holds the same bytes per token; recorded in ``budget.tp_sizes``.
+    ``min_k_bits`` (one of 2, 3, 4, 8; None: no floor): no key is stored narrower, the values take
+    the rest of the budget; recorded in ``budget.min_k_bits``.
     """
     from .allocation import allocate_bits
     from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
@@ -205,6 +207,7 @@ def calibrate(
     min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
     preflight.check_reachable(avg_bits, budget_flag, min_bits,
                               f"{min(CANDIDATE_BITS)}-bit codes with their fp16 scales, head_dim {D}, tile {tile}")
+    preflight.check_key_floor(min_k_bits, CANDIDATE_BITS, avg_bits, budget_flag, k_fmt, v_fmt, tile, D)
     text, desc = load_text(spec.source, spec.text_column, flag="--calib")
     torch.manual_seed(seed)
     lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code)
@@ -217,10 +220,12 @@ def calibrate(
     cap = capture_kv(lm.model, windows, cfg, progress=progress)
     stats = compute_stats(cap, objective)
     alloc = allocate_bits(stats.k_err, stats.v_err, stats.candidate_bits, k_fmt, v_fmt, tile, D, avg_bits,
-                          head_groups=head_groups)
+                          head_groups=head_groups, min_k_bits=min_k_bits)
     budget = {"avg_bits": avg_bits} if compression is None else {"compression": compression, "avg_bits": avg_bits}
     if tp_size > 1:
         budget["tp_sizes"] = [tp_size]
+    if min_k_bits is not None:
+        budget["min_k_bits"] = min_k_bits
     recipe = Recipe(
         model_id=lm.model_id, fingerprint=ModelFingerprint.from_config(lm.model.config), tile=tile,
         keep_first_tile=keep_first_tile, k_options=k_fmt.options(), v_options=v_fmt.options(),

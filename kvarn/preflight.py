@@ -87,6 +87,36 @@ def check_reachable(avg_bits: float, flag: str, min_bits: float, detail: str) ->
                      f"bits/element: {detail}); use --avg-bits {math.ceil(min_bits * 1000) / 1000:g} or more")
 
 
+def check_key_floor(min_k_bits, candidate_bits, avg_bits: float, flag: str, k_format, v_format, tile: int,
+                    head_dim: int) -> None:
+    """``--min-k-bits``: one of the candidate widths, and a budget that holds every key at that width
+    with every value at the narrowest (the smallest layout the floor allows); else one line naming
+    the flag, the bits the floor needs, and the fix."""
+    if min_k_bits is None:
+        return
+    cands = sorted(candidate_bits)
+    if isinstance(min_k_bits, bool) or min_k_bits not in cands:
+        raise KvarnError(f"--min-k-bits {min_k_bits!r}: must be one of the candidate widths {cands}; "
+                         f"e.g. --min-k-bits {cands[min(1, len(cands) - 1)]}")
+    from .quant.formats import head_tile_bytes
+
+    def layout_bits(kb: int) -> float:  # keys at kb bits, values at the narrowest width
+        per_token = (head_tile_bytes(k_format, kb, tile, head_dim) + head_tile_bytes(v_format, cands[0], tile, head_dim)) / tile
+        return 8.0 * per_token / (2 * head_dim)
+
+    need = layout_bits(min_k_bits)
+    if avg_bits + 1e-9 >= need:
+        return
+    lower = [b for b in cands if b < min_k_bits and layout_bits(b) <= avg_bits + 1e-9]
+    if flag == "--compression":
+        budget, more = f"--compression {16 / avg_bits:g}", f"--compression {math.floor(16 / need * 100) / 100:g} or less"
+    else:
+        budget, more = f"--avg-bits {avg_bits:g}", f"--avg-bits {math.ceil(need * 1000) / 1000:g} or more"
+    raise KvarnError(f"--min-k-bits {min_k_bits}: keys at {min_k_bits} bits with values at {cands[0]} need "
+                     f"{need:.3f} bits/element (scales included, head_dim {head_dim}, tile {tile}), more than "
+                     f"{budget} allows; use {more}" + (f", or --min-k-bits {lower[-1]}" if lower else ""))
+
+
 def check_reads_quantized(seq_len: int, schemes: list[tuple[str, int, bool]]) -> None:
     """Each ``(name, tile, keep_first_tile)`` method must read a quantized tile within a window of
     ``seq_len`` tokens: a query reads its own tile (and the first, where kept) in fp16, so a window

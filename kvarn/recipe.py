@@ -52,7 +52,9 @@ field                                  type        range / rule
 ``budget``                             object      optional: avg_bits (number in (1, 16]),
                                                    compression (number in [1, 16)), tp_sizes
                                                    (1-8 ints in [1, 1024]: tensor-parallel sizes
-                                                   whose ranks hold equal bytes per token)
+                                                   whose ranks hold equal bytes per token),
+                                                   min_k_bits (int in [1, 16]: no K width in the
+                                                   bit tables is below it)
 ``achieved_bits_per_element``          number      equals the bits recomputed from the bit tables
                                                    (within 1e-4; optional)
 ``compression``                        number      equals 16 / achieved bits (within 1e-4; optional)
@@ -526,6 +528,7 @@ def _validate_info(p, info: dict) -> dict:
                 or any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 1024 for t in tp)):
             raise f.bad("budget.tp_sizes", tp, "a list of 1-8 integers in [1, 1024]")
         budget["tp_sizes"] = list(tp)
+    budget["min_k_bits"] = f.int(bud, "min_k_bits", 1, 16, "budget.", required=False)
     out["budget"] = {k: v for k, v in budget.items() if v is not None}
     out["achieved_bits_per_element"] = f.number(info, "achieved_bits_per_element", 0, 16)
     out["compression"] = f.number(info, "compression", 1, 16)
@@ -570,6 +573,10 @@ def _from_parts(path, parts, tensors) -> Recipe:
     if extra:
         raise _fail(p, f"unexpected tensor {printable(sorted(extra)[0], 80)} (recipe for {L} layers)")
     allowed = set(cand) | {FP16_BITS}
+    floor = info["budget"].get("min_k_bits")
+    if floor is not None and bool((stacked["k_bits"] < floor).any()):
+        raise _fail(p, f"k bits value {int(stacked['k_bits'].min())} is below the recipe's budget.min_k_bits {floor}; "
+                       "the file was edited")
     for kind in "kv":
         bits = stacked[f"{kind}_bits"]
         bad = [int(b) for b in bits.flatten().tolist() if int(b) not in allowed]

@@ -118,3 +118,53 @@ def test_tensor_parallel_groups_hold_equal_bytes_per_layer(tp):
     assert head_groups_for_tp(2, 4) == [[0], [1]]
     with pytest.raises(KvarnError, match="--tp-size 3"):
         head_groups_for_tp(8, 3)
+
+
+def _keys_cheap_to_lose(L, H, seed):
+    """Keys whose predicted error barely drops with width (values dominate): with no floor the
+    allocator leaves many keys at 2 bits, so a floor has something to change."""
+    k_err, v_err = _convex_errors(L, H, seed)
+    return k_err * 1e-3, v_err * 10
+
+
+@pytest.mark.parametrize("floor, avg_bits", [(3, 3.0), (3, 3.5), (4, 3.5), (4, 4.4), (8, 6.0)])
+def test_key_floor_respected_and_budget_met(floor, avg_bits):
+    L, H = 6, 3
+    k_err, v_err = _keys_cheap_to_lose(L, H, seed=floor)
+    free = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, avg_bits)
+    assert bool((free.k_bits < floor).any()), "the instance does not put keys below the floor without one"
+    a = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, avg_bits, min_k_bits=floor)
+    assert int(a.k_bits.min()) >= floor, a.k_bits
+    achieved = _layout_bits(a.k_bits.tolist(), a.v_bits.tolist(), L, H)
+    assert achieved == pytest.approx(a.bits_per_element) and achieved <= avg_bits + 1e-9
+    # the values take what the floor leaves: no one-step value upgrade still fits
+    step = min(head_tile_bytes(V, b2, 128, 64) - head_tile_bytes(V, b1, 128, 64)
+               for b1, b2 in zip(CAND, CAND[1:])) / 128
+    slack_bytes = (avg_bits - achieved) / 8 * L * H * 64 * 2
+    assert bool((a.v_bits == 16).all()) or slack_bytes < step + 1e-9, (achieved, a.v_bits)
+    assert a.predicted_error >= free.predicted_error - 1e-12  # a constraint never lowers the optimum
+
+
+def test_key_floor_with_tensor_parallel_groups():
+    from kvarn.parallel import head_groups_for_tp
+
+    k_err, v_err = _keys_cheap_to_lose(4, 8, seed=5)
+    a = allocate_bits(k_err, v_err, CAND, K, V, 128, 64, 3.5, head_groups=head_groups_for_tp(8, 2), min_k_bits=4)
+    assert int(a.k_bits.min()) >= 4 and a.bits_per_element <= 3.5 + 1e-9
+
+
+@pytest.mark.parametrize("floor, avg_bits, needles", [
+    (4, 3.0, ("--min-k-bits 4", "3.375 bits/element", "--avg-bits 3", "--avg-bits 3.375 or more", "--min-k-bits 3")),
+    (8, 3.5, ("--min-k-bits 8", "5.375", "--avg-bits 5.375 or more", "--min-k-bits 4")),
+    (3, 2.6, ("--min-k-bits 3", "2.875", "--min-k-bits 2")),
+    (5, 4.0, ("--min-k-bits 5", "[2, 3, 4, 8]")),
+    (True, 4.0, ("--min-k-bits True",)),
+])
+def test_key_floor_the_budget_cannot_hold_is_a_clear_error(floor, avg_bits, needles):
+    k_err, v_err = _convex_errors(2, 2, 0)
+    with pytest.raises(KvarnError) as ei:
+        allocate_bits(k_err, v_err, CAND, K, V, 128, 64, avg_bits, min_k_bits=floor)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, (n, msg)

@@ -56,6 +56,18 @@ def test_calibrate_inspect_eval(tmp_path, smollm):
     assert "Δppl" in table.output and "fp8-e4m3" in table.output
 
 
+def test_calibrate_with_a_key_floor_records_it(tmp_path, smollm):
+    out = tmp_path / "k4.safetensors"
+    res = run("calibrate", "--calib", "wiki:first", "--num-samples", 1, "--seq-len", 384, "--avg-bits", 3.5,
+              "--min-k-bits", 4, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["budget"] == {"avg_bits": 3.5, "min_k_bits": 4} and 3.3 < rep["bits_per_element"] <= 3.5 + 1e-9
+    s = json.loads(run("inspect", out, "--json").stdout)
+    assert s["budget"]["min_k_bits"] == 4 and min(min(row) for row in s["k_bits"]) >= 4, s["k_bits"]
+    assert "min_k_bits" in run("inspect", out).output
+
+
 def test_bad_inputs(tmp_path, smollm):
     missing = tmp_path / "missing.safetensors"
     assert_fails(run("eval", "--recipe", missing, "--num-windows", 1, "--seq-len", 300), "missing.safetensors", "kvarn calibrate")
@@ -195,6 +207,11 @@ def test_config_only_model_reaches_the_weights(tmp_path):
     (("--compression", 0.5), ("--compression 0.5",), ("--avg-bits",)),
     (("--avg-bits", "inf"), ("--avg-bits inf", "(1, 16]"), ("--compression",)),
     (("--avg-bits", 3, "--compression", 5), ("both given",), ()),
+    (("--avg-bits", 3, "--min-k-bits", 4), ("--min-k-bits 4", "3.375 bits/element", "--avg-bits 3.375 or more",
+                                            "or --min-k-bits 3"), ("--compression",)),
+    (("--compression", 5, "--min-k-bits", 4), ("--min-k-bits 4", "--compression 5", "--compression 4.74 or less"),
+     ("--avg-bits",)),
+    (("--min-k-bits", 5), ("--min-k-bits 5", "[2, 3, 4, 8]"), ()),
 ])
 def test_flags_checked_against_the_config_before_weights_load(tmp_path, args, needles, absent):
     d = _config_only_model(tmp_path)

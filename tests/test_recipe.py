@@ -218,6 +218,8 @@ def _fix_digest(meta):
     ({"budget__tp_sizes": [0]}, ("budget.tp_sizes", "[1, 1024]")),
     ({"budget__tp_sizes": "2"}, ("budget.tp_sizes", "list")),
     ({"budget__tp_sizes": [True]}, ("budget.tp_sizes",)),
+    ({"budget__min_k_bits": "4"}, ("budget.min_k_bits", "integer")),
+    ({"budget__min_k_bits": 0}, ("budget.min_k_bits", "[1, 16]")),
     ({"calibration__objective": "vibes"}, ("calibration.objective", "fisher")),
     ({"created": "yesterday"}, ("created", "ISO 8601")),
     ({"model_id": 5}, ("model_id", "string")),
@@ -229,6 +231,18 @@ def test_metadata_fields_have_types_and_ranges(tmp_path, good, changes, needles)
     assert "Traceback" not in msg
     if "achieved_bits_per_element" not in changes:  # needs the bit tables: checked by load only
         assert_error(lambda: read_header(p), "edited.safetensors")  # inspect reads the header the same way
+
+
+def test_key_floor_must_hold_in_the_bit_tables(tmp_path):
+    import dataclasses
+
+    r = make_recipe()
+    lowest = int(r.k_bits.min())
+    ok = dataclasses.replace(r, budget={"avg_bits": 3.0, "min_k_bits": lowest})
+    assert Recipe.load(ok.save(tmp_path / "ok.safetensors")).budget["min_k_bits"] == lowest
+    bad = dataclasses.replace(r, budget={"avg_bits": 3.0, "min_k_bits": lowest + 1})
+    assert_error(lambda: Recipe.load(bad.save(tmp_path / "floor.safetensors")), "floor.safetensors",
+                 f"k bits value {lowest}", f"budget.min_k_bits {lowest + 1}")
 
 
 @pytest.mark.parametrize("value, needle", [("[1, 2]", "JSON list"), ("null", "JSON null"), ('"x"', "JSON str"),
