@@ -3,6 +3,8 @@
 * ``store``  — encode completed tiles (all heads of a layer) into their pages.
 * ``decode`` — attention of query rows over a sequence's quantized pages (rotated basis), merged
   with its fp16 part (first tile, open tail, the step's own keys).
+* ``dequant`` — completed tiles back to token rows in the model's basis (what a prefill chunk's
+  FlashAttention reads of the cached past).
 
 ``kvarn.ops.layout.PageLayout`` owns the byte layout both read. ``backend()`` says which
 implementation runs: Triton on CUDA tensors when triton imports, the reference otherwise;

@@ -21,10 +21,11 @@ SPLIT_CLASSES = (1, 2, 4, 8, 16, 32)  # one per combine bucket: next_pow2(splits
 
 
 def warm_up(layouts: list[PageLayout], num_q_heads: int, dtype: torch.dtype, device) -> int:
-    """Run the decode op (every split class) and the store op once per distinct layout on dummy
+    """Run the decode op (every split class), the store and the dequant op once per distinct layout on dummy
     data; returns how many layouts were run. Failures are logged, never raised: serving works
     without a warm-up, only its first steps are slower."""
     from .decode import triton as dec
+    from .dequant import dequant_tiles
     from .store import store_tiles
 
     device = torch.device(device)
@@ -45,7 +46,9 @@ def warm_up(layouts: list[PageLayout], num_q_heads: int, dtype: torch.dtype, dev
                 dec.decode(lay, pages, staging, q, table, i32(0), i32(1), i32(-1), i32(0), i32(1), d ** -0.5,
                            num_splits=splits)
             tile = torch.randn(1, h, g, d, device=device).half()
-            store_tiles(lay, pages, tile, tile, torch.ones(1, dtype=torch.int64, device=device))
+            one = torch.ones(1, dtype=torch.int64, device=device)
+            store_tiles(lay, pages, tile, tile, one)
+            dequant_tiles(lay, pages, one, dtype)
             done += 1
         except Exception as e:  # noqa: BLE001 - a warm-up must not stop the engine
             logger.warning("kvarn: kernel warm-up failed (%s: %s); the first serving steps compile instead",

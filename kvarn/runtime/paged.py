@@ -44,6 +44,7 @@ import torch
 
 from ..errors import KvarnError
 from ..ops.decode import decode, merge, paged_attention, partial_attention, varlen_attention
+from ..ops.dequant import dequant_tiles
 from ..ops.layout import PageLayout, check_storable
 from ..parallel import rank_kv_heads
 from ..ops.store import store_tiles
@@ -523,11 +524,12 @@ def _causal_placeholder(q, span_k, span_v, scale, out, rows, softcap=None) -> No
 def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: list[SeqStep], spans, q, k, v,
               scale: float, out, softcap: float | None = None, ids: _BlockIds | None = None) -> None:
     """Prefill as serving engines read it: each chunk attends causally over what the cache held
-    before it — the fp16 first tile, the tiles completed earlier (dequantized once per chunk: a
-    paged read per 4-token row block re-read the whole past for every block) and the open tail —
+    before it — the fp16 first tile, the tiles completed earlier (dequantized once per chunk by the
+    ``dequant`` op, straight into the attention dtype: a paged read per 4-token row block re-read
+    the whole past for every block) and the open tail —
     followed by the step's own raw keys/values. All chunks of the step go to one
     ``varlen_attention`` (vLLM's FlashAttention on a GPU: one launch, GQA, no merge)."""
-    g, h, d = layout.tile, layout.num_kv_heads, layout.head_dim
+    g = layout.tile
     ids = ids or _BlockIds(steps, None, pages.device)
     cast = q.dtype if q.is_cuda else torch.float32  # FlashAttention's operand dtype; exact on the CPU
     q_parts, k_parts, v_parts, row_spans, cu_q, cu_k = [], [], [], [], [0], [0]
@@ -546,9 +548,9 @@ def _read_raw(layout: PageLayout, keep_first_tile: bool, pages, staging, steps: 
             keys.append(staging[st.first_slot, 0].transpose(0, 1))
             vals.append(staging[st.first_slot, 1].transpose(0, 1))
         if t_c > page_start:
-            kq, vq = layout.decode(pages[ids(st, page_start, t_c)])  # [H, n, G, D] float32, model basis
-            keys.append(kq.reshape(h, -1, d).transpose(0, 1))
-            vals.append(vq.reshape(h, -1, d).transpose(0, 1))
+            kq, vq = dequant_tiles(layout, pages, ids(st, page_start, t_c), cast)  # [n, H, D], model basis
+            keys.append(kq)
+            vals.append(vq)
         if n_old:
             keys.append(spans[i][0][:, :n_old].transpose(0, 1))
             vals.append(spans[i][1][:, :n_old].transpose(0, 1))

@@ -15,7 +15,12 @@ from kvarn.ops.warmup import warm_up  # noqa: E402
 from kvarn.quant.formats import LayerFormat, TensorFormat  # noqa: E402
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _layout(kbits, vbits, d=32, g=16):
+    if DEV == "cuda":  # compiled, tl.dot wants >= 16 rows per operand: the serving shapes' smallest
+        d, g = 64, 64
     h = len(kbits)
     fmt = LayerFormat(d, g, TensorFormat(kbits, "channel", "none", clip=True), TensorFormat(vbits, "token", "static", clip=True))
     return PageLayout(fmt, torch.zeros(h, d), torch.zeros(h, d))
@@ -28,7 +33,7 @@ def test_warm_up_runs_each_distinct_layout_once(monkeypatch):
     real = dec.decode
     monkeypatch.setattr(dec, "decode", lambda *a, **k: splits.append(k["num_splits"]) or real(*a, **k))
     a, b = _layout((4, 2), (2, 4)), _layout((3, 3), (2, 2))
-    assert warm_up([a, a, b, a], 4, torch.float16, "cpu") == 2
+    assert warm_up([a, a, b, a], 4, torch.float16, DEV) == 2
     assert splits == [1, 2, 4, 8, 16, 32] * 2
 
 

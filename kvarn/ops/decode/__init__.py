@@ -71,6 +71,16 @@ def _flash_ok(q) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[0] > 0
 
 
+def _vllm_flash_varlen():
+    """vLLM's FlashAttention varlen function (FA3 on Hopper) when vLLM's CUDA build is importable:
+    native GQA, packed sequences, bottom-right causal alignment; None otherwise."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - no vLLM, or its CPU build: torch's kernel or the reference
+        return None
+    return flash_attn_varlen_func
+
+
 @functools.lru_cache(maxsize=4)
 def _cu_on_device(cu: tuple, device: torch.device) -> torch.Tensor:
     """The sequence offsets as a device tensor, copied once per step (every layer of a step has the
