@@ -75,6 +75,30 @@ class KVCapture:
         out = (0.5 * torch.log(var).float()).clamp(LOG_STD_MIN, LOG_STD_MAX)
         return out if layer is None else out[layer]
 
+    def _tensors(self) -> dict:
+        return {"count": self.count, "out_energy": self.out_energy,
+                **{f"{name}.{kind}": getattr(self, name)[kind] for name in ("sums", "squares", "mse", "fisher")
+                   for kind in "kv"}}
+
+    def to(self, device) -> "KVCapture":
+        """Move the accumulators (float64) to ``device``: the capture sums on the model's device,
+        so a GPU window does not wait on ~20 device→host copies per layer, and hands them to the
+        statistics on the host at the end."""
+        for key, t in self._tensors().items():
+            t = t.to(device)
+            if "." in key:
+                name, kind = key.split(".")
+                getattr(self, name)[kind] = t
+            else:
+                setattr(self, key, t)
+        return self
+
+    def _acc(self, x: torch.Tensor) -> torch.Tensor:
+        """An increment in float64 on the accumulators' device (a layer of a model split over
+        devices sends its sums there without a host round trip)."""
+        dev = self.count.device
+        return x.double().to(dev, non_blocking=dev.type != "cpu")  # into host memory: a blocking copy
+
     def _check_finite(self, layer: int, name: str, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise KvarnError(
@@ -91,6 +115,8 @@ class KVCapture:
     def attend(self, layer_idx, q, k, v, bias, scaling, softcap=None):
         cfg, li = self.cfg, layer_idx
         L, H, D = self.shape
+        if self.tokens == 0 and self.count.device != q.device:  # the first layer's device holds the sums
+            self.to(q.device)
         for name, x in (("queries", q), ("keys", k), ("values", v)):
             self._check_finite(li, name, x)
         k16, v16 = k.float().half().float(), v.float().half().float()
@@ -99,8 +125,8 @@ class KVCapture:
             kd, vd, qd = k16.detach(), v16.detach(), q.detach().float()
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
                 xr = rotate(x) if fmt.hadamard else x
-                self.sums[kind][li] += xr.sum(dim=(0, 2)).double().cpu()
-                self.squares[kind][li] += (xr * xr).sum(dim=(0, 2)).double().cpu()
+                self.sums[kind][li] += self._acc(xr.sum(dim=(0, 2)))
+                self.squares[kind][li] += self._acc((xr * xr).sum(dim=(0, 2)))
             self.count[li] += kd.shape[0] * kd.shape[2]
             if li == 0:
                 self.tokens += kd.shape[0] * kd.shape[2]
@@ -114,7 +140,7 @@ class KVCapture:
             if bias is not None:
                 bias = bias.expand(*bias.shape[:-2], len(q_pos), bias.shape[-1])[..., q_idx, :]
             base = out.detach()[:, :, q_idx]
-            self.out_energy[li] += self._group((base * base).sum(-1), H).sum(dim=(0, 2)).double().cpu()
+            self.out_energy[li] += self._acc(self._group((base * base).sum(-1), H).sum(dim=(0, 2)))
             deltas = []
             for kind, x, fmt in (("k", kd, cfg.k), ("v", vd, cfg.v)):
                 prior = self.log_std(kind, li)
@@ -122,7 +148,8 @@ class KVCapture:
                     x_hat = fake_quantize_sequence(x, fmt.with_bits((bits,) * H), cfg.tile, cfg.keep_first_tile, prior, cfg.iters)
                     k_hat, v_hat = (x_hat, None) if kind == "k" else (None, x_hat)
                     delta = mixed_attention(qd, k16.detach(), v16.detach(), k_hat, v_hat, mask, bias, scaling, softcap) - base
-                    self.mse[kind][li, :, j] += self._group((delta * delta).sum(-1), H).sum(dim=(0, 2)).double().cpu()
+                    err = self._group((delta * delta).sum(-1), H).sum(dim=(0, 2))
+                    self.mse[kind][li, :, j] += self._acc(err)
                     deltas.append((kind, j, delta.to(torch.bfloat16)))
         if out.requires_grad:
             out.register_hook(lambda g, li=li, deltas=deltas, q_idx=q_idx: self._on_grad(li, g[:, :, q_idx], deltas))
@@ -133,7 +160,7 @@ class KVCapture:
         g = g.detach().float()
         for kind, j, delta in deltas:
             first_order = self._group((g * delta.float()).sum(-1), H)  # [B, H, T]
-            self.fisher[kind][li, :, j] += (first_order**2).sum(dim=(0, 2)).double().cpu()
+            self.fisher[kind][li, :, j] += self._acc((first_order**2).sum(dim=(0, 2)))
         deltas.clear()
 
 
@@ -168,4 +195,4 @@ def capture_kv(model, windows: torch.Tensor, cfg: CaptureConfig, batch_size: int
     finally:
         for p, g in zip(model.parameters(), was_grad):
             p.requires_grad_(g)
-    return cap
+    return cap.to("cpu")
