@@ -72,11 +72,11 @@ def _open_model(model, tokenizer, loaded, device, dtype):
     return None
 
 
-def _load(model, tokenizer, config, device, dtype, revision, trust_remote_code):
+def _load(model, tokenizer, config, device, dtype, revision, trust_remote_code, device_map=None):
     from .models import load_model
 
     lm = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-                    config=config)
+                    config=config, device_map=device_map)
     if tokenizer is not None:
         lm.tokenizer = tokenizer
     logger.info("kvarn: loaded %s (%s) as %s on %s", lm.model_id, lm.source, str(lm.model.dtype).removeprefix("torch."),
@@ -142,7 +142,7 @@ def calibrate(
     objective: str = "fisher", k_normalize: str = "none", v_normalize: str = "static",
     clip: bool = True, seed: int = 0, progress: bool = True, loaded=None, overwrite: bool = False,
     tokenizer=None, device="auto", dtype="auto", revision: str | None = None, trust_remote_code: bool = False,
-    text_column: str | None = None, tp_size: int = 1, min_k_bits: int | None = None,
+    text_column: str | None = None, tp_size: int = 1, min_k_bits: int | None = None, device_map: str | None = None,
 ) -> tuple[Recipe, CalibrationReport]:
     """Calibrate ``model`` on a calibration set and write a recipe.
 
@@ -160,12 +160,15 @@ def calibrate(
     ``tp_size`` > 1 balances the budget over the KV heads of each tensor-parallel rank (vLLM's split)
     in every layer, so every rank holds the same bytes per token; recorded in ``budget.tp_sizes``.
     ``min_k_bits`` (one of 2, 3, 4, 8; None: no floor): no key is stored narrower, the values take
-    the rest of the budget; recorded in ``budget.min_k_bits``.
+    the rest of the budget; recorded in ``budget.min_k_bits``. ``device_map``: load the model spread
+    over the devices by accelerate (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``), for
+    models larger than one device; a model object already dispatched that way is used as it is.
+    The statistics stream (nothing per token is kept), so host memory does not grow with the text.
     """
     from .allocation import allocate_bits
     from .capture import CANDIDATE_BITS, CaptureConfig, capture_kv
     from .data import resolve_calib, spec_hash, load_text, make_windows
-    from .models import load_config, resolve_device, resolve_dtype
+    from .models import check_device_map, load_config, resolve_device, resolve_dtype
     from .parallel import head_groups_for_tp
     from .quant.formats import SUPPORTED_TILES, TensorFormat
     from .stats import compute_stats
@@ -174,6 +177,10 @@ def calibrate(
     loaded = _open_model(model, tokenizer, loaded, device, dtype)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise KvarnError(f"--seed {seed!r}: must be an integer; e.g. --seed 0")
+    check_device_map(device_map, device)
+    if device_map is not None and loaded is not None:
+        raise KvarnError(f"device_map={device_map!r}: a model object is used where it is; dispatch it yourself "
+                         "(accelerate.dispatch_model or from_pretrained(device_map=...)) and leave device_map unset")
     # Everything checkable is checked before any weights load (issue 10): output path, budget,
     # tile, calibration spec, then from the model's config alone head_dim, context and memory.
     folder = _model_folder(model)
@@ -200,8 +207,9 @@ def calibrate(
         dev, dt = resolve_device(device), resolve_dtype(dtype, config)
     else:
         dev, dt = loaded.model.device, loaded.model.dtype
-    preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
-                           device=dev, bytes_per_param=dt.itemsize)
+    if device_map is None:  # a map spreads the model: no one device's memory to check against
+        preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
+                               device=dev, bytes_per_param=dt.itemsize)
     k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
     v_fmt = TensorFormat((), "token", v_normalize, clip=clip)
     min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
@@ -210,7 +218,7 @@ def calibrate(
     preflight.check_key_floor(min_k_bits, CANDIDATE_BITS, avg_bits, budget_flag, k_fmt, v_fmt, tile, D)
     text, desc = load_text(spec.source, spec.text_column, flag="--calib")
     torch.manual_seed(seed)
-    lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code)
+    lm = loaded or _load(model, tokenizer, config, device, dtype, revision, trust_remote_code, device_map)
     L, H, D = _model_shape(lm.model)
     windows = make_windows(lm.tokenizer, text, spec.num_samples, spec.seq_len, f"calibration set {spec.name} ({desc})",
                            seed=seed)

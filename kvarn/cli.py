@@ -130,13 +130,15 @@ Examples:
 @click.option("--v-normalize", type=click.Choice(["static", "tile", "none"]), default="static", help="Values: calibrated per-channel scale (free), KVarN per-tile normalization, or none.")
 @click.option("--no-clip", is_flag=True, help="Plain min/max ranges instead of the MSE-optimal clipping search.")
 @click.option("--seed", type=int, default=0, help="Which windows of the text calibrate: drawn at random under this seed (recorded in the recipe).")
+@click.option("--device-map", default=None, type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="Spread the model over the GPUs (and the CPU) with accelerate, for a model larger than one device; leaves --device at auto. [default: the whole model on --device]")
 @click.option("--tp-size", type=int, default=1, help="Balance the bits so each of this many tensor-parallel ranks holds equal bytes per token in every layer.")
 @click.option("--min-k-bits", type=int, default=None, help="Key-width floor: no key head is stored narrower than this (2, 3, 4 or 8); the values take the rest of the budget (recorded in the recipe). [default: no floor]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at -o that kvarn did not write (never a device or model weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (strict: null for a number that is not finite).")
 @_model_options
 def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compression, output, tile, objective, k_normalize,
-              v_normalize, no_clip, seed, tp_size, min_k_bits, overwrite, as_json, device, dtype, revision, trust_remote_code, verbose, quiet):
+              v_normalize, no_clip, seed, device_map, tp_size, min_k_bits, overwrite, as_json, device, dtype, revision, trust_remote_code, verbose, quiet):
     """Calibrate MODEL (HF directory or id, .gguf file; default: embedded SmolLM2-135M) and write a recipe."""
 
     def go():
@@ -151,7 +153,8 @@ def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compres
                                k_normalize=k_normalize, v_normalize=v_normalize, clip=not no_clip,
                                seed=seed, progress=show and not as_json, overwrite=overwrite, device=device,
                                dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                               text_column=text_column, tp_size=tp_size, min_k_bits=min_k_bits)
+                               text_column=text_column, tp_size=tp_size, min_k_bits=min_k_bits,
+                               device_map=device_map)
         text = (f"wrote {rep.recipe_path}: {rep.bits_per_element:.3f} bits/element (scales included), "
                 f"{rep.compression:.2f}x smaller than fp16; mean K bits {rep.k_bits_mean:.2f}, V bits {rep.v_bits_mean:.2f}; "
                 f"calibrated on {rep.calibration['set']} ({rep.calibration['tokens']} tokens) in {rep.seconds:.1f} s")

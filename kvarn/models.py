@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from kvarn.data import cache_dir
-from kvarn.errors import KvarnError
+from kvarn.errors import KvarnError, printable
 from kvarn.paths import kind_of, path_problem
 
 EMBEDDED_MODEL = "smollm2"
@@ -76,6 +76,7 @@ def embedded_gguf_path() -> Path:
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -222,12 +223,13 @@ def _check_gguf_header(path: Path) -> None:
         )
 
 
-def _load_dir(path: Path | str, dtype: torch.dtype, **kwargs):
+def _load_dir(path: Path | str, dtype: torch.dtype, device_map: str | None = None, **kwargs):
     """(model, tokenizer) from a transformers model folder or HF id; exceptions propagate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    placed = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs, **placed)
     return model, tokenizer
 
 
@@ -354,21 +356,21 @@ def gguf_cache_path(path: Path) -> Path:
     return cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _load_gguf(path: Path, dtype: torch.dtype, device_map: str | None = None):
     if not path.is_file():
         raise KvarnError(f"model {path}: no such .gguf file; check the path")
     _check_gguf_header(path)
     target = gguf_cache_path(path)
     if (target / "kvarn_cache.json").is_file():
         try:
-            return _load_dir(target, dtype)
+            return _load_dir(target, dtype, device_map)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception:  # noqa: BLE001 - a damaged cache: rebuild it
             shutil.rmtree(target, ignore_errors=True)
     _convert_gguf(path, target)
     try:
-        return _load_dir(target, dtype)
+        return _load_dir(target, dtype, device_map)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001
@@ -468,8 +470,21 @@ def load_config(spec: str | None = None, revision: str | None = None, trust_remo
         ) from e
 
 
+def check_device_map(device_map: str | None, device="auto") -> None:
+    """A one-line KvarnError unless ``device_map`` is None or one of accelerate's strategies with
+    ``device`` left at auto."""
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise KvarnError(f"--device-map {printable(str(device_map), 40)}: not a placement strategy; use one of "
+                         f"{list(DEVICE_MAPS)}")
+    if not (isinstance(device, str) and device.strip().lower() == "auto"):
+        raise KvarnError(f"--device {device} with --device-map {device_map}: the map places the model; "
+                         "leave --device at auto")
+
+
 def load_model(spec: str | None = None, dtype="auto", device="auto", revision: str | None = None,
-               trust_remote_code: bool = False, config=None) -> LoadedModel:
+               trust_remote_code: bool = False, config=None, device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 
     ``spec``: ``None`` or ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), a ``.gguf`` file,
@@ -477,11 +492,16 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
     else read from the local HF cache; ``revision`` picks a branch, tag or commit). ``dtype``:
     ``auto`` (the config's own; float32 for GGUF files), float32, bfloat16 or float16. ``device``:
     ``auto`` (CUDA when torch sees it), cpu, cuda, cuda:N. ``config``: the already-read config, to
-    resolve ``auto`` without reading it again. Raises ``KvarnError`` with a one-line message on failure.
+    resolve ``auto`` without reading it again. ``device_map``: an accelerate placement strategy
+    (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) that spreads the layers over the
+    GPUs (and the CPU when they are full) instead of ``device``. Raises ``KvarnError`` with a
+    one-line message on failure.
     """
     dev = resolve_device(device)
+    check_device_map(device_map, device)
     kind, where, spec = _resolve(spec)
     kw = _hub_kwargs(kind, spec, revision, trust_remote_code)
+    placed = {} if device_map is None else {"device_map": device_map}
     if kind == "gguf" and (dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto")):
         dtype = torch.float32  # kvarn dequantizes GGUF weights to float32
     elif dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
@@ -489,11 +509,11 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
     dtype = _torch_dtype(dtype)
 
     if spec == EMBEDDED_MODEL:
-        model, tokenizer = _load_gguf(where, dtype)
+        model, tokenizer = _load_gguf(where, dtype, **placed)
         model_id, source = EMBEDDED_MODEL_ID, f"gguf:{where}"
     elif kind == "dir":
         try:
-            model, tokenizer = _load_dir(where, dtype, **kw)
+            model, tokenizer = _load_dir(where, dtype, **kw, **placed)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001
@@ -503,11 +523,11 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
             ) from e
         model_id, source = spec, f"dir:{where.resolve()}"
     elif kind == "gguf":
-        model, tokenizer = _load_gguf(where, dtype)
+        model, tokenizer = _load_gguf(where, dtype, **placed)
         model_id, source = spec, f"gguf:{where.resolve()}"
     else:
         try:
-            model, tokenizer = _load_dir(spec, dtype, **kw)
+            model, tokenizer = _load_dir(spec, dtype, **kw, **placed)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except OSError as e:
@@ -528,7 +548,9 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
 def _finish(model, tokenizer, model_id, source, dtype, dev, device) -> LoadedModel:
     if model.dtype != dtype:
         model = model.to(dtype)
-    if dev.type != "cpu" or model.device != dev:
+    if getattr(model, "hf_device_map", None):  # placed by accelerate: used where it is
+        pass
+    elif dev.type != "cpu" or model.device != dev:
         try:
             model = model.to(dev)
         except (RuntimeError, AssertionError) as e:

@@ -54,3 +54,52 @@ def test_tp_size_that_cannot_split_the_heads_fails_before_loading(tmp_path, monk
             api.calibrate(calib="wiki:first", num_samples=1, seq_len=384, output=tmp_path / "x.safetensors",
                           progress=False, tp_size=bad)
         assert one_line(str(e.value)) and "--tp-size" in str(e.value), str(e.value)
+
+
+def test_calibrate_a_model_split_over_devices_equals_one_device(smollm, tmp_path):
+    """A model dispatched by accelerate (``device_map``: the first layers on the CPU, the last ones
+    and the head offloaded to disk, their weights on the meta device until a hook loads them) is
+    calibrated where it is, as llm-compressor users pass one: same widths, priors within float32
+    noise. The capture's sums stay on the first layer's device; nothing per token is kept."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed")
+    import torch
+
+    from kvarn.models import load_model
+
+    args = dict(calib="wiki:first", num_samples=1, seq_len=384, avg_bits=3.0, progress=False)
+    one, _ = api.calibrate(loaded=smollm, output=tmp_path / "one.safetensors", **args)
+    split = load_model()
+    n = split.model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "disk", "lm_head": "disk"}
+    device_map.update({f"model.layers.{i}": "cpu" if i < n - 3 else "disk" for i in range(n)})
+    model = accelerate.dispatch_model(split.model, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    assert any(p.device.type == "meta" for p in model.parameters())  # really offloaded
+    two, _ = api.calibrate(model, tokenizer=split.tokenizer, output=tmp_path / "two.safetensors", **args)
+    # and loaded by kvarn with an accelerate strategy (here all layers land on the one CPU)
+    api.calibrate(device_map="sequential", output=tmp_path / "three.safetensors", **args)
+    a = Recipe.load(tmp_path / "one.safetensors")
+    for other in ("two", "three"):
+        b = Recipe.load(tmp_path / f"{other}.safetensors")
+        assert a.layer_formats() == b.layer_formats(), other
+        for kind in ("k_log_std", "v_log_std"):
+            torch.testing.assert_close(getattr(b, kind), getattr(a, kind), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"device_map": "everywhere"}, ("--device-map everywhere", "sequential")),
+    ({"device_map": "auto", "device": "cpu"}, ("--device cpu", "leave --device at auto")),
+])
+def test_bad_device_map_fails_before_loading(kw, words, tmp_path, monkeypatch):
+    import kvarn.models
+
+    monkeypatch.setattr(kvarn.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(KvarnError) as e:
+        api.calibrate(output=tmp_path / "r.safetensors", progress=False, **kw)
+    assert one_line(str(e.value)) and all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_device_map_with_a_model_object_is_refused(smollm, tmp_path):
+    with pytest.raises(KvarnError, match="dispatch it yourself"):
+        api.calibrate(smollm.model, tokenizer=smollm.tokenizer, device_map="auto", output=tmp_path / "r.safetensors",
+                      progress=False)
