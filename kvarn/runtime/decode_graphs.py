@@ -14,7 +14,8 @@ completes, and the decode of the completing token reads that tile from staging, 
 
 Not captured: anything while another capture runs (vLLM's own) — then ``run`` executes the same
 body eagerly; on the CPU everything runs eagerly (what the tests compare with the plain path).
-Opt-in (``KVARN_DECODE_GRAPHS=1``) until measured on the GPU.
+On by default on CUDA since measured (H200, 2026-12-03: burst A 0.44x → 0.665x fp16 with the
+compile fixes, decode step 34.9 → 25.3 ms, burst C 0.92x); ``KVARN_DECODE_GRAPHS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448
 
 
 def enabled() -> bool:
-    return os.environ.get("KVARN_DECODE_GRAPHS", "0") == "1"
+    return os.environ.get("KVARN_DECODE_GRAPHS", "1") != "0"
 
 
 @dataclass
