@@ -4,7 +4,8 @@ length (so the block table's width changes too), timed on the host around the fi
 
     python bench/decode_variants_gpu.py [--max-batch 64] [--ctx 8192] [--format k4v2]
 
-A first call far above the next one (> 50 ms) compiled a kernel variant. Writes
+A first call far above the next one (> 50 ms) compiled a kernel variant. The engine-start warm-up
+runs first (``--no-warm-up`` skips it), so what is counted is what a serving engine would compile. Writes
 ``DIR/decode_variants.json`` and prints the batch sizes that compiled and the seconds spent.
 Context: the H200 burst A of 2026-12-03 spent 12-14 s of 57 s in such compiles (bench/NOTES.md).
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attend_step_gpu import DEV, _sync, setup, step_plan  # noqa: E402
 from kernels_gpu import D, FORMATS, H, HQ  # noqa: E402
 from kvarn.ops.layout import PageLayout  # noqa: E402
+from kvarn.ops.warmup import warm_up  # noqa: E402
 from kvarn.runtime.paged import _attend_decode  # noqa: E402
 
 
@@ -35,10 +37,15 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--format", default="k4v2", choices=sorted(FORMATS))
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--no-warm-up", action="store_true", help="skip the engine-start kernel warm-up")
     args = ap.parse_args()
     fmt = FORMATS[args.format]
     prior = torch.zeros(H, D) if fmt.v.normalize == "static" else None
     lay = PageLayout(fmt, prior, prior)
+    if not args.no_warm_up:  # as a serving engine does when it builds its model (kvarn.ops.warmup)
+        t = time.perf_counter()
+        warm_up([lay], HQ, torch.bfloat16, DEV)
+        print(f"warm-up: {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
     for b in range(1, args.max_batch + 1):
         ctx = args.ctx + 128 * (b % 7)  # block tables of several widths
