@@ -159,7 +159,8 @@ def calibrate(
     dataset (text, or chat ``messages`` rendered with the model's chat template).
     ``tp_size`` > 1 balances the budget over the KV heads of each tensor-parallel rank (vLLM's split)
     in every layer, so every rank holds the same bytes per token; recorded in ``budget.tp_sizes``.
-    ``min_k_bits`` (one of 2, 3, 4, 8; None: no floor): no key is stored narrower, the values take
+    ``clip``: the MSE-optimal clipping search for keys and values (True), one of them ("keys",
+    "values") or neither (False: min/max ranges). ``min_k_bits`` (one of 2, 3, 4, 8; None: no floor): no key is stored narrower, the values take
     the rest of the budget; recorded in ``budget.min_k_bits``. ``device_map``: load the model spread
     over the devices by accelerate (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``), for
     models larger than one device; a model object already dispatched that way is used as it is.
@@ -210,8 +211,10 @@ def calibrate(
     if device_map is None:  # a map spreads the model: no one device's memory to check against
         preflight.check_window(config, spec.seq_len, where, backward=True, weights_loaded=loaded is not None,
                                device=dev, bytes_per_param=dt.itemsize)
-    k_fmt = TensorFormat((), "channel", k_normalize, clip=clip)
-    v_fmt = TensorFormat((), "token", v_normalize, clip=clip)
+    if clip not in (True, False, "keys", "values"):
+        raise KvarnError(f"--clip {clip!r}: must be both, keys, values or none")
+    k_fmt = TensorFormat((), "channel", k_normalize, clip=clip in (True, "keys"))
+    v_fmt = TensorFormat((), "token", v_normalize, clip=clip in (True, "values"))
     min_bits = preflight.min_bits_per_element(k_fmt, v_fmt, tile, D, CANDIDATE_BITS)
     preflight.check_reachable(avg_bits, budget_flag, min_bits,
                               f"{min(CANDIDATE_BITS)}-bit codes with their fp16 scales, head_dim {D}, tile {tile}")

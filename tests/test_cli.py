@@ -57,15 +57,19 @@ def test_calibrate_inspect_eval(tmp_path, smollm):
 
 
 def test_calibrate_with_a_key_floor_records_it(tmp_path, smollm):
+    """--min-k-bits, and --clip keys (the clipping search for keys only) recorded per tensor."""
+    from kvarn.recipe import Recipe
+
     out = tmp_path / "k4.safetensors"
     res = run("calibrate", "--calib", "wiki:first", "--num-samples", 1, "--seq-len", 384, "--avg-bits", 3.5,
-              "--min-k-bits", 4, "-o", out, "--json")
+              "--min-k-bits", 4, "--clip", "keys", "-o", out, "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["budget"] == {"avg_bits": 3.5, "min_k_bits": 4} and 3.3 < rep["bits_per_element"] <= 3.5 + 1e-9
     s = json.loads(run("inspect", out, "--json").stdout)
     assert s["budget"]["min_k_bits"] == 4 and min(min(row) for row in s["k_bits"]) >= 4, s["k_bits"]
     assert "min_k_bits" in run("inspect", out).output
+    assert all(f.k.clip and not f.v.clip for f in Recipe.load(out).layer_formats())
 
 
 def test_bad_inputs(tmp_path, smollm):
@@ -212,6 +216,7 @@ def test_config_only_model_reaches_the_weights(tmp_path):
     (("--compression", 5, "--min-k-bits", 4), ("--min-k-bits 4", "--compression 5", "--compression 4.74 or less"),
      ("--avg-bits",)),
     (("--min-k-bits", 5), ("--min-k-bits 5", "[2, 3, 4, 8]"), ()),
+    (("--no-clip", "--clip", "keys"), ("--no-clip with --clip keys", "--clip keys alone"), ()),
 ])
 def test_flags_checked_against_the_config_before_weights_load(tmp_path, args, needles, absent):
     d = _config_only_model(tmp_path)
