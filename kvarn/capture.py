@@ -75,22 +75,14 @@ class KVCapture:
         out = (0.5 * torch.log(var).float()).clamp(LOG_STD_MIN, LOG_STD_MAX)
         return out if layer is None else out[layer]
 
-    def _tensors(self) -> dict:
-        return {"count": self.count, "out_energy": self.out_energy,
-                **{f"{name}.{kind}": getattr(self, name)[kind] for name in ("sums", "squares", "mse", "fisher")
-                   for kind in "kv"}}
-
     def to(self, device) -> "KVCapture":
         """Move the accumulators (float64) to ``device``: the capture sums on the model's device,
         so a GPU window does not wait on ~20 device→host copies per layer, and hands them to the
         statistics on the host at the end."""
-        for key, t in self._tensors().items():
-            t = t.to(device)
-            if "." in key:
-                name, kind = key.split(".")
-                getattr(self, name)[kind] = t
-            else:
-                setattr(self, key, t)
+        self.count, self.out_energy = self.count.to(device), self.out_energy.to(device)
+        for acc in (self.sums, self.squares, self.mse, self.fisher):
+            for kind in acc:
+                acc[kind] = acc[kind].to(device)
         return self
 
     def _acc(self, x: torch.Tensor) -> torch.Tensor:

@@ -501,7 +501,6 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
     check_device_map(device_map, device)
     kind, where, spec = _resolve(spec)
     kw = _hub_kwargs(kind, spec, revision, trust_remote_code)
-    placed = {} if device_map is None else {"device_map": device_map}
     if kind == "gguf" and (dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto")):
         dtype = torch.float32  # kvarn dequantizes GGUF weights to float32
     elif dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
@@ -509,11 +508,11 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
     dtype = _torch_dtype(dtype)
 
     if spec == EMBEDDED_MODEL:
-        model, tokenizer = _load_gguf(where, dtype, **placed)
+        model, tokenizer = _load_gguf(where, dtype, device_map)
         model_id, source = EMBEDDED_MODEL_ID, f"gguf:{where}"
     elif kind == "dir":
         try:
-            model, tokenizer = _load_dir(where, dtype, **kw, **placed)
+            model, tokenizer = _load_dir(where, dtype, device_map, **kw)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001
@@ -523,11 +522,11 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
             ) from e
         model_id, source = spec, f"dir:{where.resolve()}"
     elif kind == "gguf":
-        model, tokenizer = _load_gguf(where, dtype, **placed)
+        model, tokenizer = _load_gguf(where, dtype, device_map)
         model_id, source = spec, f"gguf:{where.resolve()}"
     else:
         try:
-            model, tokenizer = _load_dir(spec, dtype, **kw, **placed)
+            model, tokenizer = _load_dir(spec, dtype, device_map, **kw)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except OSError as e:
@@ -548,9 +547,8 @@ def load_model(spec: str | None = None, dtype="auto", device="auto", revision: s
 def _finish(model, tokenizer, model_id, source, dtype, dev, device) -> LoadedModel:
     if model.dtype != dtype:
         model = model.to(dtype)
-    if getattr(model, "hf_device_map", None):  # placed by accelerate: used where it is
-        pass
-    elif dev.type != "cpu" or model.device != dev:
+    placed = bool(getattr(model, "hf_device_map", None))  # spread by accelerate: used where it is
+    if not placed and (dev.type != "cpu" or model.device != dev):
         try:
             model = model.to(dev)
         except (RuntimeError, AssertionError) as e:

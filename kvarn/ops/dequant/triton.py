@@ -9,13 +9,11 @@ One launch per (K/V, width) head group, the group's widths and fields as constex
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..layout import PageLayout, stored_form
+from ..layout import PageLayout, _index_tensor, stored_form
 
 NORM_NONE, NORM_TILE, NORM_STATIC = 0, 1, 2
 
@@ -100,16 +98,10 @@ def dequant_tiles(layout: PageLayout, pages: torch.Tensor, block_ids: torch.Tens
             form = stored_form(tf, bits)
             norm = NORM_TILE if tf.normalize == "tile" else NORM_STATIC if tf.normalize == "static" else NORM_NONE
             _dequant_kernel[(n, len(heads), g // bt)](
-                pages, pages16, pages.stride(0), pages16.stride(0), blocks, _heads(tuple(heads), dev),
+                pages, pages16, pages.stride(0), pages16.stride(0), blocks, _index_tensor(tuple(heads), dev),
                 tabs.offsets, tabs.v_static if tabs.v_static is not None else tabs.offsets,
                 tabs.hadamard if tabs.hadamard is not None else tabs.offsets, out, out.stride(0), out.stride(1),
                 H=h, KIND="kv".index(kind), BITS=bits,
                 FP8=form.fp8, CHANNEL=tf.axis == "channel", NORM=norm if form.scaled else NORM_NONE,
                 ROTATE=form.rotated, G=g, D=d, BT=bt, num_warps=4)
     return res[0], res[1]
-
-
-@functools.lru_cache(maxsize=256)
-def _heads(heads: tuple, device: torch.device) -> torch.Tensor:
-    """A head group's indices on the device, built once (not copied from the host per call)."""
-    return torch.tensor(heads, dtype=torch.int32, device=device)
