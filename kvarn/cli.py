@@ -186,7 +186,7 @@ Examples:
 @click.option("--text-column", default="text", metavar="NAME", help="Field of a .jsonl file or dataset: text, or chat messages (rendered with the model's chat template); rows with only \"messages\" are chats.")
 @click.option("--num-windows", type=int, default=8, help="Windows of held-out text.")
 @click.option("--seq-len", type=int, default=1024, help="Tokens per window; more than 2 tiles, so that a quantized tile is read.")
-@click.option("--seed", type=int, default=0, help="Which windows of the text: drawn at random under this seed.")
+@click.option("--seed", type=int, default=0, help="Which windows of the text (passkey: which keys, filler and depths): drawn at random under this seed.")
 @click.option("--methods", default=None, help="Comma-separated baselines. [default: kvarn-k4v2-g128,int4-per-token-head,kivi-2,fp8-e4m3; for passkey kvarn-k4v2-g128,turboquant-k3v4-nc,fp8-e4m3]")
 @click.option("--task", type=click.Choice(["ppl", "passkey"]), default="ppl",
               help="ppl: perplexity, KL and top-1 on --text windows; passkey: retrieval of a 5-digit key hidden in filler from --text.")
@@ -219,7 +219,7 @@ def eval_cmd(model, recipe, no_recipe, text, text_column, num_windows, seq_len, 
             except ValueError:
                 raise KvarnError(f"--contexts {printable(contexts, 60)}: must be comma-separated integers, e.g. --contexts 2048,4096") from None
             rep = api.evaluate_passkey(model, recipe=recipes or None, text=text, contexts=ctx, trials=trials,
-                                       methods=names, progress=show and not as_json)
+                                       methods=names, seed=seed, progress=show and not as_json)
             _emit(rep.to_dict(), as_json, api.format_passkey_table(rep))
             return
         rep = api.evaluate(model, recipe=recipes or None, text=text, num_windows=num_windows, seq_len=seq_len,

@@ -174,6 +174,20 @@ def test_seed_picks_the_windows(tiny):
     assert torch.equal(errs[0], errs[2]) and not torch.equal(errs[0], errs[1])
 
 
+
+def test_seed_reaches_the_passkey_prompts(monkeypatch):
+    """eval --task passkey --seed N draws the prompts under N (a second draw of the same contexts)."""
+    seen = {}
+
+    def fake(*a, **kw):
+        seen.update(kw)
+        raise KvarnError("stop here")
+
+    monkeypatch.setattr(api, "evaluate_passkey", fake)
+    for args, seed in (((), 0), (("--seed", 1), 1)):
+        assert_fails(run("eval", "--no-recipe", "--task", "passkey", "--contexts", 4096, *args), "stop here")
+        assert seen["seed"] == seed
+
 # -- -v / -q -----------------------------------------------------------------------------------------
 def test_verbose_and_quiet(tiny):
     args = ("eval", tiny["dir"], "--no-recipe", "--text", tiny["held"], *WIN, "--methods", "kivi-2")
