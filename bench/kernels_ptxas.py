@@ -58,6 +58,14 @@ def _signature(fn, consts: dict, pointers: dict, floats=(), ints: dict | None = 
                      attrs=attrs)
 
 
+def ptx_counts(ptx: str) -> dict:
+    """Instructions that say where a decode kernel's operands travel (shared memory, barriers) and
+    how it loads (16-byte vector loads) and multiplies (``mma.sync`` blocks)."""
+    words = {"st_shared": "st.shared", "bar_sync": "bar.sync", "ld_v4": "ld.global.v4.b32",
+             "mma": "mma.sync.aligned.m16n8k16"}
+    return {k: len(re.findall(re.escape(w), ptx)) for k, w in words.items()}
+
+
 def ptxas_usage(kernel) -> dict:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +106,28 @@ def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=None, num_stage
     return rows
 
 
+def mma_usage(tile: int, group: int = 4, k_norm: bool = True, v_norm: int = 1, batch: int = 64) -> dict:
+    """``kvarn.ops.decode.mma._mma_kernel`` (Gluon, one warp) for the Llama-3.1-8B shape, K4V2."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kvarn.ops.decode import mma
+
+    fn = mma._mma_kernel
+    consts = dict(HQ=32, GROUP=group, NQ=max(8, triton.next_power_of_2(group)), G=tile, K_NORM=k_norm,
+                  V_NORM=v_norm)
+    from kernels_gpu import FORMATS
+
+    fmt = FORMATS["k4v2"]
+    page_stride = PageLayout(type(fmt)(fmt.head_dim, tile, fmt.k, fmt.v), torch.zeros(8, 128), torch.zeros(8, 128)).nbytes
+    ints = dict(stride_qt=32 * 128, stride_qh=128, ws_stride_s=batch * 32 * 128, page_stride=page_stride, bt_stride=64)
+    base = _signature(fn, consts, DECODE_PTRS, floats=("qscale",), ints=ints)
+    src = GluonASTSource(fn=fn, signature=base.signature, constexprs=base.constants, attrs=base.attrs)
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": 1})
+    return {"kernel": "decode-mma", "format": "k4v2", "k_bits": 4, "v_bits": 2, "tile": tile, "bt": tile // 4,
+            "num_warps": 1, "cvt": 2,
+            "prefetch": False, **ptxas_usage(kernel), **ptx_counts(kernel.asm["ptx"])}
+
+
 def store_usage(layout: PageLayout, name: str):
     """Both launches of the store (prepare, quantize), as ``store_tiles`` makes them."""
     from kvarn.ops.store import triton as st
@@ -124,13 +154,14 @@ def main():
     ap.add_argument("--check", action="store_true",
                     help=f"exit 1 if a default decode configuration spills more than {SPILL_LIMIT} B per thread")
     ap.add_argument("--no-store", action="store_true")
+    ap.add_argument("--mma-only", action="store_true", help="only the Gluon mma decode kernel (tiles 64/128)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from kernels_gpu import FORMATS  # the benchmark's formats (Llama-3.1-8B shape)
 
     prior = torch.zeros(8, 128)
-    rows = []
-    for name, fmt in FORMATS.items():
+    rows = [{"default": tile == 128, **mma_usage(tile)} for tile in (64, 128)]
+    for name, fmt in ({} if args.mma_only else FORMATS).items():
         lay = PageLayout(fmt, prior, prior)
         for r in decode_usage(lay):
             rows.append({"format": name, "default": True, **r})
@@ -144,13 +175,14 @@ def main():
     for r in rows:
         cfg = "" if r["kernel"].startswith("store") else f"bt {r['bt']}, {r['num_warps']} warps, cvt {r['cvt']}" + \
             (", prefetch" if r.get("prefetch") else "")
-        bits = f"{r.get('k_bits', '')}/{r.get('v_bits', '')}" if r["kernel"] == "decode" else "all"
+        bits = f"{r.get('k_bits', '')}/{r.get('v_bits', '')}" if r["kernel"].startswith("decode") else "all"
         print(f"| {r['kernel']} | {r['format']} | {bits} | {cfg} | {r['registers']} | {r['stack_bytes']} | "
               f"{r['spill_store_bytes']}/{r['spill_load_bytes']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.check:
-        bad = [r for r in rows if r["kernel"] == "decode" and r["default"] and r["stack_bytes"] > SPILL_LIMIT]
+        bad = [r for r in rows if r["kernel"].startswith("decode") and r["default"] and r["stack_bytes"] > SPILL_LIMIT]
+        bad += [r for r in rows if r["kernel"] == "decode-mma" and (r["st_shared"] or r["bar_sync"])]
         if bad:
             print(f"spilling default decode configurations: {bad}")
             sys.exit(1)

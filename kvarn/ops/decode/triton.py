@@ -527,6 +527,13 @@ def layout_splits(layout: PageLayout, batch: int, max_tiles: int, device: torch.
 DEFAULTS = dict(bt=64, num_warps=2, num_stages=3, prefetch=True, streams=False)
 
 
+def default_mma(t: torch.Tensor) -> bool:
+    """Whether decode serves K4/V2 head groups with ``mma._mma_kernel`` (compiled CUDA sm_80+ only;
+    ``KVARN_DECODE_MMA=0`` turns it off)."""
+    return (default_cvt(t) == 2 and os.environ.get("KVARN_DECODE_MMA", "1") != "0"
+            and torch.cuda.get_device_capability(t.device)[0] >= 8)
+
+
 def default_cvt(t: torch.Tensor) -> int:
     """Code→fp16 conversion: inline PTX on compiled CUDA, the plain-Triton exponent trick otherwise."""
     return 2 if t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" else 1
@@ -540,7 +547,8 @@ def _config(layout: PageLayout, bt, num_warps, num_stages, prefetch) -> tuple:
 
 
 def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, rows, n_rows,
-                  toks, scale, splits, bt, num_warps, num_stages, prefetch, cvt, maxnreg=None, streams=False):
+                  toks, scale, splits, bt, num_warps, num_stages, prefetch, cvt, maxnreg=None, streams=False,
+                  mma=False):
     cvt = default_cvt(q) if cvt is None else cvt
     tables = layout.kernel_tables(q.device)
     _, hq, d = q.shape
@@ -568,20 +576,32 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
             side[n].wait_event(ready)
             ctx = torch.cuda.stream(side[n])
             ctx.__enter__()
-        _paged_kernel[(n_rows, len(grp.heads), splits)](
-            qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
-            u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static,
-            block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
-            scale * LOG2E, h,
-            HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
-            ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch), **consts,
-            num_warps=warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
-        )
+        if mma and rows is None and toks == 1 and _mma().supports(grp.k_bits, grp.v_bits, consts, d, layout.tile, group):
+            _mma().launch((n_rows, len(grp.heads), splits), qk, ws_o, ws_lse, pages, pages.stride(0), tables,
+                          grp.heads, v_static, block_table, page_start, q_tile, scale * LOG2E, h, hq, group,
+                          layout.tile, splits, consts)
+        else:
+            _paged_kernel[(n_rows, len(grp.heads), splits)](
+                qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
+                u8, f16, pages.stride(0), tables.offsets, grp.heads, v_static,
+                block_table, block_table.stride(0), q_tile, page_start, row_seq, row_tok0, row_ntok,
+                scale * LOG2E, h,
+                HQ=hq, GROUP=group, TOKS=toks, M=m, D=d, G=layout.tile, BT=bt, SPLITS=splits,
+                ROWS_ARE_SEQS=rows is None, CVT=cvt, PREFETCH=bool(prefetch), **consts,
+                num_warps=warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+            )
         if side is not None:
             ctx.__exit__(None, None, None)
             done = torch.cuda.Event()
             done.record(side[n])
             forked.wait_event(done)
+
+
+@functools.lru_cache(maxsize=1)
+def _mma():
+    from . import mma
+
+    return mma
 
 
 @functools.lru_cache(maxsize=4)
@@ -619,7 +639,7 @@ def _combine(ws_o, ws_lse, out, lse_out, num_partials):
 
 def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_tile, first_slot, cur_slot, cur_len,
            scale, out=None, num_splits=None, bt=None, num_warps=None, num_stages=None, cvt=None, workspace=None,
-           prefetch=None, maxnreg=None, streams=None):
+           prefetch=None, maxnreg=None, streams=None, mma=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
@@ -635,7 +655,8 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
         ws_lse = torch.empty(splits + 1, bsz, hq, dtype=torch.float32, device=q.device)
     cfg = _config(layout, bt, num_warps, num_stages, prefetch)
     _launch_paged(layout, pages, q, ws_o, ws_lse, block_table, q_tile, page_start, None, bsz, 1, scale, splits,
-                  *cfg, cvt, maxnreg=maxnreg, streams=DEFAULTS["streams"] if streams is None else streams)
+                  *cfg, cvt, maxnreg=maxnreg, streams=DEFAULTS["streams"] if streams is None else streams,
+                  mma=default_mma(q) if mma is None else mma)
     group = hq // layout.num_kv_heads
     _staged_kernel[(bsz, layout.num_kv_heads)](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, splits, staging, staging.stride(0), first_slot, cur_slot,
