@@ -3,9 +3,10 @@ all at the same memory budget, on the default held-out evaluation.
 
     python bench/ablation.py [--avg-bits 2.6] [--out bench/results/ablation]
 
-Variants: default (fisher objective, static V scale, no K normalization, clipping) · mse objective ·
-no clipping · V with KVarN per-tile normalization · K with KVarN per-tile normalization; plus the
-uniform K4V2 and K2V2 presets for reference. Writes <out>.json and prints the table.
+Variants: default (fisher objective, static V scale, no K normalization, values clipped, keys
+min/max) · mse objective · no clipping · keys clipped too (the default before 2026-12-03) · V with
+KVarN per-tile normalization · K with KVarN per-tile normalization; plus the uniform K4V2 and K2V2
+presets for reference. Writes <out>.json and prints the table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ VARIANTS = {
     "default": {},
     "objective-mse": {"objective": "mse"},
     "no-clip": {"clip": False},
+    "clip-both": {"clip": True},
     "v-tile-norm": {"v_normalize": "tile"},
     "k-tile-norm": {"k_normalize": "tile"},
 }

@@ -87,11 +87,13 @@ class _Group(click.Group):
         return super().main(args, *a, **kw)
 
 
-def _clip(no_clip: bool, clip_what: str):
-    """``api.calibrate``'s ``clip`` from ``--no-clip`` and ``--clip``."""
-    if no_clip and clip_what not in ("both", "none"):
+def _clip(no_clip: bool, clip_what: str | None, default):
+    """``api.calibrate``'s ``clip`` from ``--no-clip`` and ``--clip`` (None: not given, ``default``)."""
+    if no_clip and clip_what not in (None, "none"):
         raise KvarnError(f"--no-clip with --clip {clip_what}: they disagree; use --clip {clip_what} alone")
-    return False if no_clip else {"both": True, "keys": "keys", "values": "values", "none": False}[clip_what]
+    if no_clip:
+        return False
+    return default if clip_what is None else {"both": True, "keys": "keys", "values": "values", "none": False}[clip_what]
 
 
 def _model_options(f):
@@ -136,8 +138,9 @@ Examples:
 @click.option("--k-normalize", type=click.Choice(["none", "tile"]), default="none", help="Keys: KVarN per-tile normalization (stores a per-token scale) or none.")
 @click.option("--v-normalize", type=click.Choice(["static", "tile", "none"]), default="static", help="Values: calibrated per-channel scale (free), KVarN per-tile normalization, or none.")
 @click.option("--no-clip", is_flag=True, help="Plain min/max ranges instead of the MSE-optimal clipping search (same as --clip none).")
-@click.option("--clip", "clip_what", type=click.Choice(["both", "keys", "values", "none"]), default="both",
-              help="Which tensors get the MSE-optimal clipping search; the others keep min/max ranges.")
+@click.option("--clip", "clip_what", type=click.Choice(["both", "keys", "values", "none"]), default=None,
+              help="Which tensors get the MSE-optimal clipping search; the others keep min/max ranges (clipped keys "
+                   "lose retrieval at long context). [default: values]")
 @click.option("--seed", type=int, default=0, help="Which windows of the text calibrate: drawn at random under this seed (recorded in the recipe).")
 @click.option("--device-map", default=None, type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
               help="Spread the model over the GPUs (and the CPU) with accelerate, for a model larger than one device; leaves --device at auto. [default: the whole model on --device]")
@@ -159,7 +162,7 @@ def calibrate(model, calib, num_samples, seq_len, text_column, avg_bits, compres
 
         _, rep = api.calibrate(model, calib=calib, num_samples=num_samples, seq_len=seq_len, avg_bits=avg_bits,
                                compression=compression, output=output, tile=int(tile), objective=objective,
-                               k_normalize=k_normalize, v_normalize=v_normalize, clip=_clip(no_clip, clip_what),
+                               k_normalize=k_normalize, v_normalize=v_normalize, clip=_clip(no_clip, clip_what, api.DEFAULT_CLIP),
                                seed=seed, progress=show and not as_json, overwrite=overwrite, device=device,
                                dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                                text_column=text_column, tp_size=tp_size, min_k_bits=min_k_bits,

@@ -217,6 +217,7 @@ def test_config_only_model_reaches_the_weights(tmp_path):
      ("--avg-bits",)),
     (("--min-k-bits", 5), ("--min-k-bits 5", "[2, 3, 4, 8]"), ()),
     (("--no-clip", "--clip", "keys"), ("--no-clip with --clip keys", "--clip keys alone"), ()),
+    (("--no-clip", "--clip", "both"), ("--no-clip with --clip both", "--clip both alone"), ()),
 ])
 def test_flags_checked_against_the_config_before_weights_load(tmp_path, args, needles, absent):
     d = _config_only_model(tmp_path)

@@ -188,6 +188,28 @@ def test_seed_reaches_the_passkey_prompts(monkeypatch):
         assert_fails(run("eval", "--no-recipe", "--task", "passkey", "--contexts", 4096, *args), "stop here")
         assert seen["seed"] == seed
 
+
+def test_clip_default_is_the_values_only(tiny):
+    """Calibration clips the values' ranges and leaves the keys at min/max unless told otherwise
+    (clipped keys lose passkey retrieval at 4k); --clip both and --no-clip still reach both ends,
+    and the API's default is the CLI's."""
+    from kvarn.recipe import Recipe
+
+    def clips(*args):
+        out = tiny["tmp"] / f"clip{len(args)}{'-'.join(map(str, args))}.safetensors"
+        res = run("calibrate", tiny["dir"], "--calib", tiny["calib"], "--num-samples", 1, "--seq-len", 300, "-q",
+                  "-o", out, *args)
+        assert res.exit_code == 0, res.output
+        return {(f.k.clip, f.v.clip) for f in Recipe.load(out).layer_formats()}
+
+    assert api.DEFAULT_CLIP == "values"
+    assert clips() == {(False, True)}
+    assert clips("--clip", "both") == {(True, True)}
+    assert clips("--no-clip") == clips("--clip", "none") == {(False, False)}
+    r, _ = api.calibrate(str(tiny["dir"]), calib=str(tiny["calib"]), num_samples=1, seq_len=300, progress=False,
+                         output=tiny["tmp"] / "clip-api.safetensors")
+    assert {(f.k.clip, f.v.clip) for f in r.layer_formats()} == {(False, True)}
+
 # -- -v / -q -----------------------------------------------------------------------------------------
 def test_verbose_and_quiet(tiny):
     args = ("eval", tiny["dir"], "--no-recipe", "--text", tiny["held"], *WIN, "--methods", "kivi-2")
