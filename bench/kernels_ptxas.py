@@ -115,7 +115,7 @@ def mma_usage(tile: int, group: int = 4, k_norm: bool = True, v_norm: int = 1, b
 
     fn = mma._mma_kernel
     consts = dict(HQ=32, GROUP=group, NQ=max(8, triton.next_power_of_2(group)), G=tile, K_NORM=k_norm,
-                  V_NORM=v_norm, V_FAST=True)
+                  V_NORM=v_norm)
     from kernels_gpu import FORMATS
 
     fmt = FORMATS["k4v2"]
