@@ -635,6 +635,18 @@ def test_tensor_parallel_3_matches_one_rank(model_dir, recipe_path, prompts, tmp
         assert run.returncode == 0, f"TP {tp} engine failed: {run.stderr[-1500:]}"
         res[tp] = json.loads(out.read_text())
     for a, b in zip(res[3], res[1]):
-        assert a["tokens"] == b["tokens"], f"greedy tokens differ: TP 3 {a['tokens']} vs TP 1 {b['tokens']}"
-        diffs = [abs(s3[k] - s1[k]) for s3, s1 in zip(a["logprobs"], b["logprobs"]) for k in set(s3) & set(s1)]
+        # Greedy tokens must agree until a step whose top two tokens are tied within the log-prob
+        # tolerance in both runs (the shipped recipe of 2026-12-03 meets one: 0.007 apart at TP 1,
+        # 0.0002 at TP 3, while every log-prob differs by ~0.005): there either pick is right and
+        # the continuations part, so only the steps up to it are compared. Any other difference fails.
+        n = len(a["tokens"])
+        for i, (t3, t1) in enumerate(zip(a["tokens"], b["tokens"])):
+            if t3 != t1:
+                s3, s1 = a["logprobs"][i], b["logprobs"][i]
+                tied = all(str(t) in s for s in (s3, s1) for t in (t1, t3)) and all(
+                    abs(s[str(t1)] - s[str(t3)]) < 0.03 for s in (s3, s1))
+                assert tied and i > 0, f"greedy tokens differ at step {i}: TP 3 {a['tokens']} vs TP 1 {b['tokens']}"
+                n = i + 1
+                break
+        diffs = [abs(s3[k] - s1[k]) for s3, s1 in zip(a["logprobs"][:n], b["logprobs"][:n]) for k in set(s3) & set(s1)]
         assert sum(diffs) / len(diffs) < 0.03 and max(diffs) < 0.3, f"log-probs differ: mean {sum(diffs) / len(diffs):.4f}"
