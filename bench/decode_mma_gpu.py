@@ -32,6 +32,7 @@ from kvarn.ops.layout import PageLayout  # noqa: E402
 VARIANTS = {  # name: decode op options
     "triton": dict(mma=False),
     "mma": dict(mma=True),
+    "mma-pipe": dict(mma="pipe"),  # the next tile's bytes copied ahead into shared memory
     "mma-r168": dict(mma=True, maxnreg=168),  # 12 warps per SM instead of 8, some spill
     "mma-r128": dict(mma=True, maxnreg=128),
 }

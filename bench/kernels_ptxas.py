@@ -107,7 +107,7 @@ def decode_usage(layout: PageLayout, group=4, bt=None, num_warps=None, num_stage
 
 
 def mma_usage(tile: int, group: int = 4, k_norm: bool = True, v_norm: int = 1, batch: int = 64,
-              maxnreg: int | None = None) -> dict:
+              maxnreg: int | None = None, pipe: bool = False) -> dict:
     """``kvarn.ops.decode.mma._mma_kernel`` (Gluon, one warp) for the Llama-3.1-8B shape, K4V2."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -115,7 +115,7 @@ def mma_usage(tile: int, group: int = 4, k_norm: bool = True, v_norm: int = 1, b
 
     fn = mma._mma_kernel
     consts = dict(HQ=32, GROUP=group, NQ=max(8, triton.next_power_of_2(group)), G=tile, K_NORM=k_norm,
-                  V_NORM=v_norm)
+                  V_NORM=v_norm, PIPE=pipe)
     from kernels_gpu import FORMATS
 
     fmt = FORMATS["k4v2"]
@@ -124,7 +124,7 @@ def mma_usage(tile: int, group: int = 4, k_norm: bool = True, v_norm: int = 1, b
     base = _signature(fn, consts, DECODE_PTRS, floats=("qscale",), ints=ints)
     src = GluonASTSource(fn=fn, signature=base.signature, constexprs=base.constants, attrs=base.attrs)
     kernel = triton.compile(src, target=TARGET, options={"num_warps": 1, **({"maxnreg": maxnreg} if maxnreg else {})})
-    return {"kernel": "decode-mma", "maxnreg": maxnreg, "format": "k4v2", "k_bits": 4, "v_bits": 2, "tile": tile, "bt": tile // 4,
+    return {"kernel": "decode-mma", "maxnreg": maxnreg, "pipe": pipe, "format": "k4v2", "k_bits": 4, "v_bits": 2, "tile": tile, "bt": tile // 4,
             "num_warps": 1, "cvt": 2,
             "prefetch": False, **ptxas_usage(kernel), **ptx_counts(kernel.asm["ptx"])}
 
@@ -164,6 +164,7 @@ def main():
     rows = [{"default": tile == 128, **mma_usage(tile)} for tile in (64, 128)]
     if not args.check:
         rows += [{"default": False, **mma_usage(128, maxnreg=r)} for r in (128, 168)]
+        rows += [{"default": False, **mma_usage(128, pipe=True)}]
     for name, fmt in ({} if args.mma_only else FORMATS).items():
         lay = PageLayout(fmt, prior, prior)
         for r in decode_usage(lay):

@@ -55,7 +55,7 @@ def test_mma_decode_matches_reference(case):
     first, cur, cur_len = i32([0, -1, -1, 2, -1]), i32([1, 3, 4, 5, 6]), i32([7, 1, g - 1, g, 33])
     scale = d ** -0.5
     want = ref.decode(lay, pages, staging, q.float(), table, page_start, q_tile, first, cur, cur_len, scale)
-    for splits, mma in [(1, True), (3, True), (1, False)]:
+    for splits, mma in [(1, True), (3, True), (2, "pipe"), (1, False)]:
         ws = (torch.full((splits + 1, b, h * group, d), float("nan"), device=dev),
               torch.full((splits + 1, b, h * group), float("nan"), device=dev))
         out = torch.full((b, h * group, d), float("nan"), device=dev)
@@ -80,7 +80,11 @@ def test_mma_kernel_feeds_the_tensor_cores_from_registers_on_sm90(tmp_path):
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         pytest.skip(f"could not compile for sm_90 here: {res.stderr.strip().splitlines()[-1:]}")
-    rows = [r for r in json.loads(out.read_text()) if r["maxnreg"] is None]  # uncapped: as launched
+    every = json.loads(out.read_text())
+    rows = [r for r in every if r["maxnreg"] is None and not r["pipe"]]  # as launched by default
+    pipe = [r for r in every if r["pipe"]]
+    assert pipe and pipe[0]["stack_bytes"] <= 256 and pipe[0]["ld_v4"] == 0, \
+        f"pipelined variant: expected its code bytes through cp.async and no spill, got {pipe}"
     assert [r["tile"] for r in rows] == [64, 128]
     for r in rows:
         where = f"mma kernel at tile {r['tile']}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 D_MMA = 128  # head_dim the layouts below are written for
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
@@ -35,6 +35,10 @@ B_OP = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
 K_RAW = gl.constexpr(gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0]))
 # value bytes [BT/2, 8, 4] of even (odd) tokens: a thread holds one 4-byte word of a row
 V_RAW = gl.constexpr(gl.BlockedLayout([1, 1, 4], [4, 8, 1], [1, 1, 1], [2, 0, 1]))
+# PIPE: a tile's code bytes copied ahead (cp.async) into two stages of shared memory, row-major. A
+# thread reads back exactly the bytes it copied (same layouts), so a wait on its own copies suffices
+K_SMEM = gl.constexpr(gl.SwizzledSharedLayout(16, 1, 1, [2, 1, 0]))
+V_SMEM = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 1, [2, 1, 0]))
 
 
 def _f16_bits(x: float) -> int:
@@ -131,10 +135,10 @@ def _v_operand(ev, od, BT: gl.constexpr):
 
 
 @gluon.jit
-def _scores(kp, qk, bias, f16, norm_at, tok, J: gl.constexpr, BT: gl.constexpr, NQ: gl.constexpr,
+def _scores(kraw, qk, bias, f16, norm_at, tok, J: gl.constexpr, BT: gl.constexpr, NQ: gl.constexpr,
             K_NORM: gl.constexpr):
-    """Scores ``[BT, NQ]`` (base 2, scaled) of quarter ``J`` of a tile: keys at ``kp``."""
-    s = mma_v2(_k_operand(gl.load(kp + J * BT * 64), BT), qk, gl.zeros([BT, NQ], gl.float32, MMA))
+    """Scores ``[BT, NQ]`` (base 2, scaled) of quarter ``J`` of a tile from its key bytes ``kraw``."""
+    s = mma_v2(_k_operand(kraw, BT), qk, gl.zeros([BT, NQ], gl.float32, MMA))
     s = s + bias[None, :]
     if K_NORM:
         s = s * gl.load(f16 + norm_at // 2 + J * BT + tok).to(gl.float32)[:, None]
@@ -142,15 +146,41 @@ def _scores(kp, qk, bias, f16, norm_at, tok, J: gl.constexpr, BT: gl.constexpr, 
 
 
 @gluon.jit
-def _values(vp, s, m, part, zp, lp, f16, scale_at, zero_at, tok, J: gl.constexpr, BT: gl.constexpr):
+def _values(ev, od, s, m, part, zp, lp, f16, scale_at, zero_at, tok, J: gl.constexpr, BT: gl.constexpr):
     """Quarter ``J`` of a tile into the tile's partial ``part [128, NQ] += V^T p'`` (p' = p * v_scale),
     ``zp += sum p * v_zero`` and ``lp += sum p`` (p against the tile's running max ``m``)."""
     p = gl.exp2(s - m[None, :])
     vs = gl.load(f16 + scale_at // 2 + J * BT + tok).to(gl.float32)
     vz = gl.load(f16 + zero_at // 2 + J * BT + tok).to(gl.float32)
     pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), B_OP)
-    va = _v_operand(gl.load(vp + J * BT * 32), gl.load(vp + J * BT * 32 + 32), BT)
+    va = _v_operand(ev, od, BT)
     return mma_v2(va, pb, part), zp + gl.sum(p * vz[:, None], 0), lp + gl.sum(p, 0)
+
+
+@gluon.jit
+def _copy_tile(kdst, edst, odst, u8, kbase, vbase, k_rel, v_rel):
+    """Start copying one tile's key and value bytes into a stage (one cp.async group)."""
+    async_copy.async_copy_global_to_shared(kdst, u8 + kbase + k_rel)
+    async_copy.async_copy_global_to_shared(edst, u8 + vbase + v_rel)
+    async_copy.async_copy_global_to_shared(odst, u8 + vbase + 32 + v_rel)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _k_quarter(kp, kbuf, stage, J: gl.constexpr, BT: gl.constexpr, PIPE: gl.constexpr):
+    if PIPE:
+        return kbuf.index(stage).slice(J * BT, BT, dim=0).load(K_RAW)
+    else:
+        return gl.load(kp + J * BT * 64)
+
+
+@gluon.jit
+def _v_quarter(vp, ebuf, obuf, stage, J: gl.constexpr, BT: gl.constexpr, PIPE: gl.constexpr):
+    if PIPE:
+        return (ebuf.index(stage).slice(J * BT // 2, BT // 2, dim=0).load(V_RAW),
+                obuf.index(stage).slice(J * BT // 2, BT // 2, dim=0).load(V_RAW))
+    else:
+        return gl.load(vp + J * BT * 32), gl.load(vp + J * BT * 32 + 32)
 
 
 @gluon.jit(do_not_specialize=["ws_stride_s", "bt_stride", "SPLITS"])
@@ -162,7 +192,7 @@ def _mma_kernel(
     block_table, bt_stride, q_tile, page_start,
     qscale, num_kv_heads,
     HQ: gl.constexpr, GROUP: gl.constexpr, NQ: gl.constexpr, G: gl.constexpr, SPLITS,
-    K_NORM: gl.constexpr, V_NORM: gl.constexpr,
+    K_NORM: gl.constexpr, V_NORM: gl.constexpr, PIPE: gl.constexpr,
 ):
     D: gl.constexpr = 128
     BT: gl.constexpr = G // 4  # a tile is read in four quarters
@@ -207,8 +237,28 @@ def _mma_kernel(
     l_i = gl.zeros([NQ], gl.float32, gl.SliceLayout(0, MMA))
     acc = gl.zeros([D, NQ], gl.float32, MMA)
     brow = block_table + b.to(gl.int64) * bt_stride
+    kbuf = 0  # the stages (PIPE only)
+    ebuf = 0
+    obuf = 0
+    if PIPE:
+        kbuf = gl.allocate_shared_memory(gl.uint8, [2, G, 4, 16], K_SMEM)
+        ebuf = gl.allocate_shared_memory(gl.uint8, [2, G // 2, 8, 4], V_SMEM)
+        obuf = gl.allocate_shared_memory(gl.uint8, [2, G // 2, 8, 4], V_SMEM)
+        gt = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, K_RAW)))
+        k_rel_g = gt[:, None, None] * 64 + ka[None, :, None] * 16 + ke[None, None, :]
+        gv = gl.arange(0, G // 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, V_RAW)))
+        v_rel_g = gv[:, None, None] * 64 + vg[None, :, None] * 4 + vy[None, None, :]
+        # past the end: block 0 (the engine's null block, always allocated) is copied and unused
+        page0 = gl.load(brow + lo, mask=lo < hi, other=0).to(gl.int64) * page_stride
+        _copy_tile(kbuf.index(0), ebuf.index(0), obuf.index(0), u8, page0 + kc, page0 + vc, k_rel_g, v_rel_g)
     for tile in range(lo, hi):
         page = gl.load(brow + tile).to(gl.int64) * page_stride
+        stage = (tile - lo) % 2
+        if PIPE:
+            nxt = gl.load(brow + tile + 1, mask=tile + 1 < hi, other=0).to(gl.int64) * page_stride
+            _copy_tile(kbuf.index(1 - stage), ebuf.index(1 - stage), obuf.index(1 - stage), u8, nxt + kc, nxt + vc,
+                       k_rel_g, v_rel_g)
+            async_copy.wait_group(1)  # this tile's group has landed
         qf = gl.load(q_ptr + q_off, mask=q_ok, other=0.0).to(gl.float32) * qscale
         k_scale = gl.load(f16 + (page + ksc) // 2 + ck).to(gl.float32)
         k_zero = gl.load(f16 + (page + kz) // 2 + ck).to(gl.float32)
@@ -216,10 +266,10 @@ def _mma_kernel(
         bias = gl.convert_layout(gl.sum(qf * k_zero[:, None], 0), gl.SliceLayout(0, MMA))
         kp = u8 + (page + kc) + k_rel
         # the tile's scores first, in four quarters (one softmax rescale per tile, not per quarter)
-        s0 = _scores(kp, qk, bias, f16, page + kn, tok, 0, BT, NQ, K_NORM)
-        s1 = _scores(kp, qk, bias, f16, page + kn, tok, 1, BT, NQ, K_NORM)
-        s2 = _scores(kp, qk, bias, f16, page + kn, tok, 2, BT, NQ, K_NORM)
-        s3 = _scores(kp, qk, bias, f16, page + kn, tok, 3, BT, NQ, K_NORM)
+        s0 = _scores(_k_quarter(kp, kbuf, stage, 0, BT, PIPE), qk, bias, f16, page + kn, tok, 0, BT, NQ, K_NORM)
+        s1 = _scores(_k_quarter(kp, kbuf, stage, 1, BT, PIPE), qk, bias, f16, page + kn, tok, 1, BT, NQ, K_NORM)
+        s2 = _scores(_k_quarter(kp, kbuf, stage, 2, BT, PIPE), qk, bias, f16, page + kn, tok, 2, BT, NQ, K_NORM)
+        s3 = _scores(_k_quarter(kp, kbuf, stage, 3, BT, PIPE), qk, bias, f16, page + kn, tok, 3, BT, NQ, K_NORM)
         m_new = gl.maximum(m_i, gl.maximum(gl.maximum(gl.max(s0, 0), gl.max(s1, 0)),
                                            gl.maximum(gl.max(s2, 0), gl.max(s3, 0))))
         alpha = gl.exp2(m_i - m_new)
@@ -228,15 +278,21 @@ def _mma_kernel(
         part = gl.zeros([D, NQ], gl.float32, MMA)
         zp = gl.zeros([NQ], gl.float32, gl.SliceLayout(0, MMA))  # sum p * v_zero
         lp = gl.zeros([NQ], gl.float32, gl.SliceLayout(0, MMA))
-        part, zp, lp = _values(vp, s0, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 0, BT)
-        part, zp, lp = _values(vp, s1, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 1, BT)
-        part, zp, lp = _values(vp, s2, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 2, BT)
-        part, zp, lp = _values(vp, s3, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 3, BT)
+        ev, od = _v_quarter(vp, ebuf, obuf, stage, 0, BT, PIPE)
+        part, zp, lp = _values(ev, od, s0, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 0, BT)
+        ev, od = _v_quarter(vp, ebuf, obuf, stage, 1, BT, PIPE)
+        part, zp, lp = _values(ev, od, s1, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 1, BT)
+        ev, od = _v_quarter(vp, ebuf, obuf, stage, 2, BT, PIPE)
+        part, zp, lp = _values(ev, od, s2, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 2, BT)
+        ev, od = _v_quarter(vp, ebuf, obuf, stage, 3, BT, PIPE)
+        part, zp, lp = _values(ev, od, s3, m_new, part, zp, lp, f16, page + vsc, page + vz, tok, 3, BT)
         l_i = l_i * alpha + lp
         part = part + zp[None, :]
         if V_NORM == 1:  # the tile's channel norms, once per tile
             part = part * gl.load(f16 + (page + vn) // 2 + ch_m).to(gl.float32)[:, None]
         acc = acc * alpha[None, :] + part
+    if PIPE:
+        async_copy.wait_group(0)
     inv_l = gl.where(l_i > 0, 1.0 / l_i, 0.0)
     out = acc * inv_l[None, :]
     if V_NORM == 2:
@@ -256,13 +312,13 @@ def supports(k_bits: int, v_bits: int, consts: dict, head_dim: int, tile: int, g
 
 
 def launch(grid, q, ws_o, ws_lse, pages, page_stride, tables, heads, v_static, block_table, page_start, q_tile,
-           qscale, num_kv_heads, hq, group, tile, splits, consts, maxnreg=None):
+           qscale, num_kv_heads, hq, group, tile, splits, consts, maxnreg=None, pipe=False):
     """One head group's programs ``grid = (B, len(heads), splits)``; the same outputs as ``_paged_kernel``."""
     _mma_kernel[grid](
         q, q.stride(0), q.stride(1), ws_o, ws_lse, ws_o.stride(0),
         pages, pages.view(torch.float16), page_stride, tables.offsets, heads, v_static,
         block_table, block_table.stride(0), q_tile, page_start, qscale, num_kv_heads,
         HQ=hq, GROUP=group, NQ=max(8, 1 << (group - 1).bit_length()), G=tile, SPLITS=splits,
-        K_NORM=bool(consts["K_NORM"]), V_NORM=int(consts["V_NORM"]), num_warps=1,
+        K_NORM=bool(consts["K_NORM"]), V_NORM=int(consts["V_NORM"]), PIPE=pipe, num_warps=1,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )

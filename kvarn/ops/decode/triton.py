@@ -579,7 +579,7 @@ def _launch_paged(layout: PageLayout, pages, q, ws_o, ws_lse, block_table, q_til
         if mma and rows is None and toks == 1 and _mma().supports(grp.k_bits, grp.v_bits, consts, d, layout.tile, group):
             _mma().launch((n_rows, len(grp.heads), splits), qk, ws_o, ws_lse, pages, pages.stride(0), tables,
                           grp.heads, v_static, block_table, page_start, q_tile, scale * LOG2E, h, hq, group,
-                          layout.tile, splits, consts, maxnreg=maxnreg)
+                          layout.tile, splits, consts, maxnreg=maxnreg, pipe=mma == "pipe")
         else:
             _paged_kernel[(n_rows, len(grp.heads), splits)](
                 qk, qk.stride(0), qk.stride(1), ws_o, ws_lse, ws_o.stride(0),
@@ -642,8 +642,9 @@ def decode(layout: PageLayout, pages, staging, q, block_table, page_start, q_til
            prefetch=None, maxnreg=None, streams=None, mma=None):
     """See ``reference.decode``. q ``[B, Hq, D]``; int32 metadata ``[B]``; out ``[B, Hq, D]`` (q's dtype).
 
-    ``mma``: K4/V2 head groups through ``mma._mma_kernel`` (True), the Triton kernel (False), or
-    None (``default_mma``).
+    ``mma``: K4/V2 head groups through ``mma._mma_kernel`` (True; ``"pipe"``: its variant that
+    copies the next tile's bytes ahead into shared memory, not yet measured), the Triton kernel
+    (False), or None (``default_mma``).
 
     ``workspace``: ``(o [splits + 1, B, Hq, D], lse [splits + 1, B, Hq])`` float32 to reuse (its
     first dim fixes the split count), else allocated: bounded by the batch, not the history.
